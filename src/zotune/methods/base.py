@@ -1,0 +1,93 @@
+"""The protocol every ZO method implements, and the registry the CLI reads.
+
+A method answers the first two of zotune's three questions:
+
+* what is trainable: :meth:`Method.prepare` turns a frozen model into one with
+  the method's trainable tensors (base weights, LoRA factors, coefficients);
+* which directions are queried: :meth:`Method.views` names the tensors (or
+  slices of them) perturbed at a step, and :meth:`Method.direction` draws the
+  direction for one of them from a :class:`~zotune.engine.QueryKey`.
+
+The third (how estimates become updates) belongs to :mod:`zotune.optim`, and
+the perturb/evaluate/restore loop to :mod:`zotune.engine`. Adding a method is
+adding one file that subclasses :class:`Method` and calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..engine import QueryKey, gaussian_like, tensor_seed
+from ..errors import ZOError
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make a method available under its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["Method"]:
+    if name not in METHODS:
+        raise ZOError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "LayerNorm")
+
+
+class Method:
+    """Base class: Gaussian directions over whole trainable tensors (MeZO's rule).
+
+    Subclasses set ``name`` and implement :meth:`prepare`; most override nothing
+    else. ``cfg`` is the run's :class:`~zotune.config.TrainConfig`.
+    """
+
+    name: ClassVar[str] = ""
+    #: True when the trainable tensors are an adapter saved in PEFT format.
+    is_adapter: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.params: dict[str, nn.Parameter] = {}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Freeze the base, add/choose trainable tensors, fill ``self.params``; return the model."""
+        raise NotImplementedError
+
+    def views(self, step: int) -> list[tuple[str, torch.Tensor]]:
+        """The (name, tensor-or-view) pairs perturbed at ``step``. Default: all trainable tensors."""
+        return [(n, p.data) for n, p in self.params.items()]
+
+    def direction(self, name: str, like: torch.Tensor, key: QueryKey) -> torch.Tensor:
+        """The direction z for one view; must be a pure function of (name, key)."""
+        return gaussian_like(like, tensor_seed(key, name))
+
+    def decays(self, name: str) -> bool:
+        """Whether weight decay applies (MeZO: not to biases and norms)."""
+        return not any(m in name for m in NO_DECAY_MARKERS)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """Write what was trained: a PEFT adapter folder, or the full model for base-weight methods."""
+        model.save_pretrained(path)
+
+    def state_dict(self) -> dict:
+        """Method state needed to resume exactly (schedules, bases, ...); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

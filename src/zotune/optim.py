@@ -1,0 +1,127 @@
+"""Turning (seed, g) pairs into updates: ZO-SGD, momentum, Adam.
+
+An update receives the views the step queried, the q (key, g) pairs and the
+method (which regenerates each direction z from its key).  The estimate is
+ĝ = (1/q) Σ g_i z_i.  ZO-SGD never materializes ĝ: it adds each g_i z_i in
+place, so full-parameter MeZO needs no gradient-sized buffer.  Momentum and Adam
+keep state per queried view (keyed by the view's name), i.e. in the trainable
+space of the method: a LoRA factor, an atom, a coefficient matrix. That is what
+makes them affordable for the small query spaces and not for full-parameter MeZO.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .engine import QueryKey
+from .errors import ZOError
+
+
+class ZOSGD:
+    """θ ← θ − lr·(ĝ + λθ), λ applied only where the method says (not bias/norm)."""
+
+    def __init__(self, weight_decay: float = 0.0):
+        self.weight_decay = weight_decay
+
+    def _decay(self, name: str, v: torch.Tensor, method, lr: float) -> None:
+        if self.weight_decay and method.decays(name):
+            v.mul_(1 - lr * self.weight_decay)
+
+    def update(self, views, estimates: Sequence[tuple[QueryKey, float]], method, lr: float) -> None:
+        q = len(estimates)
+        for name, v in views:
+            self._decay(name, v, method, lr)
+            for key, g in estimates:
+                if lr * g != 0:  # an exact no-op for lr = 0 (no -0.0 sign flips)
+                    v.add_(method.direction(name, v, key), alpha=-lr * g / q)
+
+    def estimate(self, name: str, v: torch.Tensor, estimates, method) -> torch.Tensor:
+        """ĝ for one view: (1/q) Σ g_i z_i."""
+        out = torch.zeros_like(v)
+        for key, g in estimates:
+            out.add_(method.direction(name, v, key), alpha=g / len(estimates))
+        return out
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ZOMomentum(ZOSGD):
+    """Heavy-ball momentum on ĝ: m ← βm + ĝ; θ ← θ − lr·(m + λθ)."""
+
+    def __init__(self, weight_decay: float = 0.0, momentum: float = 0.9):
+        super().__init__(weight_decay)
+        self.momentum = momentum
+        self.buf: dict[str, torch.Tensor] = {}
+
+    def update(self, views, estimates, method, lr: float) -> None:
+        for name, v in views:
+            ghat = self.estimate(name, v, estimates, method)
+            m = self.buf.get(name)
+            m = ghat if m is None else m.mul_(self.momentum).add_(ghat)
+            self.buf[name] = m
+            self._decay(name, v, method, lr)
+            v.add_(m, alpha=-lr)
+
+    def state_dict(self) -> dict:
+        return {"buf": {k: t.clone() for k, t in self.buf.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf = {k: t.clone() for k, t in state.get("buf", {}).items()}
+
+
+class ZOAdam(ZOSGD):
+    """Adam on ĝ with decoupled weight decay; state per queried view.
+
+    Bias correction counts the updates each view received, so a view queried
+    every r steps (an AR1 atom) is corrected by its own count, not the global step.
+    """
+
+    def __init__(self, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8):
+        super().__init__(weight_decay)
+        self.betas, self.adam_eps = betas, adam_eps
+        self.m: dict[str, torch.Tensor] = {}
+        self.v: dict[str, torch.Tensor] = {}
+        self.t: dict[str, int] = {}
+
+    def update(self, views, estimates, method, lr: float) -> None:
+        b1, b2 = self.betas
+        for name, p in views:
+            ghat = self.estimate(name, p, estimates, method)
+            m = self.m.setdefault(name, torch.zeros_like(p))
+            v = self.v.setdefault(name, torch.zeros_like(p))
+            t = self.t[name] = self.t.get(name, 0) + 1
+            m.mul_(b1).add_(ghat, alpha=1 - b1)
+            v.mul_(b2).addcmul_(ghat, ghat, value=1 - b2)
+            denom = (v / (1 - b2 ** t)).sqrt_().add_(self.adam_eps)
+            self._decay(name, p, method, lr)
+            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+    def state_dict(self) -> dict:
+        return {"m": {k: t.clone() for k, t in self.m.items()},
+                "v": {k: t.clone() for k, t in self.v.items()}, "t": dict(self.t)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m = {k: t.clone() for k, t in state.get("m", {}).items()}
+        self.v = {k: t.clone() for k, t in state.get("v", {}).items()}
+        self.t = dict(state.get("t", {}))
+
+
+OPTIMIZERS = {"sgd": ZOSGD, "momentum": ZOMomentum, "adam": ZOAdam}
+
+
+def make_optimizer(name: str, weight_decay: float = 0.0, momentum: float = 0.9,
+                   betas: tuple[float, float] = (0.9, 0.999)):
+    """Build a ZO optimizer by name ('sgd', 'momentum', 'adam')."""
+    if name == "sgd":
+        return ZOSGD(weight_decay)
+    if name == "momentum":
+        return ZOMomentum(weight_decay, momentum)
+    if name == "adam":
+        return ZOAdam(weight_decay, tuple(betas))
+    raise ZOError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,212 @@
+"""The training recipe, top to bottom: load, evaluate, train with ZO, evaluate, save.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``
+(one line per step and per evaluation), ``trajectory.jsonl`` (step, seed, the
+slopes g and the lr: with SGD, these plus the initial state determine the
+final adapter), ``adapter/`` (the final adapter, PEFT format), ``best/`` (the
+best-dev adapter when evaluating during training) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .config import TrainConfig
+from .engine import ZOEngine
+from .errors import ZOError, require
+from .evaluate import Scorer
+from .methods import get_method
+from .models import load_model
+from .optim import make_optimizer
+from .tasks import Example, load_task
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    require(name != "cuda" or torch.cuda.is_available(), "device cuda requested but CUDA is not available")
+    return name
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: GPU allocations on CUDA, resident set size on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The examples of ``step``: epochs of seeded permutations, a pure function of (seed, step).
+
+    Being a function of the step (not of a running RNG) is what makes resume
+    and replay trivial: no sampler state to save.
+    """
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(perm)
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def make_run_dir(cfg: TrainConfig) -> Path:
+    """Create the run directory and prove it is writable before any training."""
+    path = Path(cfg.output_dir or f"runs/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ZOError(f"run directory {path} is not writable: {exc.strerror}") from exc
+    return path
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    method: str
+    task: str
+    model: str
+    dev_before: float
+    dev_after: float
+    dev_best: float
+    best_step: int
+    test_after: float | None
+    steps: int
+    forward_passes: int
+    train_loss_first: float
+    train_loss_last: float
+    wall_s: float
+    peak_memory_mb: float
+    trainable_params: int
+    adapter: str
+
+    def text(self) -> str:
+        lines = [
+            f"zotune: {self.method} on {self.task} ({self.model})",
+            f"  dev accuracy      {self.dev_before:.3f} -> {self.dev_after:.3f}"
+            f"   (best {self.dev_best:.3f} at step {self.best_step})",
+        ]
+        if self.test_after is not None:
+            lines.append(f"  test accuracy     {self.test_after:.3f}")
+        lines += [
+            f"  train loss        {self.train_loss_first:.4f} (first 10 steps) -> {self.train_loss_last:.4f} (last 10)",
+            f"  forward passes    {self.forward_passes} in {self.steps} steps",
+            f"  wall time         {self.wall_s:.0f} s",
+            f"  peak memory       {self.peak_memory_mb:.0f} MiB",
+            f"  trainable params  {self.trainable_params:,}",
+            f"  adapter saved in  {self.adapter}",
+        ]
+        return "\n".join(lines)
+
+
+def train(cfg: TrainConfig) -> Summary:
+    t0 = time.time()
+    cfg.validate()
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else (lambda msg: None)
+
+    data = load_task(cfg.task, Path(cfg.data_dir) if cfg.data_dir else None)
+    data = data.subsample(cfg.seed, cfg.train_size, cfg.dev_size, cfg.test_size)
+    if not cfg.test_size:
+        data.test = []
+    say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
+    model, tok, kind = load_model(cfg.model, device=device)
+    require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
+    method = get_method(cfg.method)(cfg)
+    model = method.prepare(model)
+    scorer = Scorer(model, tok, cfg.max_length)
+    optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
+    engine = ZOEngine(method, optimizer, cfg.eps, cfg.queries, cfg.seed)
+
+    def evaluate(split: list[Example], desc: str) -> float:
+        return scorer.accuracy(split, cfg.eval_batch_size, progress=cfg.progress, desc=desc)
+
+    dev_before = evaluate(data.dev, "dev (zero-shot)")
+    say(f"zotune: zero-shot dev accuracy {dev_before:.3f}; training {method.num_trainable():,} params with {cfg.method}")
+    best_acc, best_step = -1.0, 0
+    losses: list[float] = []
+    with open(run_dir / "metrics.jsonl", "w") as metrics, open(run_dir / "trajectory.jsonl", "w") as traj:
+        def log(f, record: dict) -> None:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+        log(metrics, {"step": 0, "dev_acc": dev_before, "forward_passes": 0})
+        steps = range(cfg.steps)
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+        for step in steps:
+            batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)]
+            try:
+                result = engine.step(lambda: scorer.loss(batch), cfg.lr)
+            except FloatingPointError as exc:
+                raise ZOError(f"{exc} (batch of step {step}); last good adapter: {run_dir / 'best'}") from None
+            losses.append(result.loss)
+            log(traj, {"step": result.step, "seed": cfg.seed, "g": result.grads, "lr": cfg.lr})
+            log(metrics, {"step": step + 1, "loss": result.loss, "g": result.grads,
+                          "forward_passes": engine.forward_passes, "time_s": round(time.time() - t0, 3)})
+            if cfg.progress:
+                recent = losses[-20:]
+                steps.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", fwd=engine.forward_passes)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                acc = evaluate(data.dev, f"dev @ step {step + 1}")
+                log(metrics, {"step": step + 1, "dev_acc": acc, "forward_passes": engine.forward_passes})
+                if acc > best_acc:
+                    best_acc, best_step = acc, step + 1
+                    method.save(model, run_dir / "best")
+        dev_after = evaluate(data.dev, "dev (final)")
+        log(metrics, {"step": cfg.steps, "dev_acc": dev_after, "forward_passes": engine.forward_passes})
+    method.save(model, run_dir / "adapter")
+    if dev_after >= best_acc:
+        best_acc, best_step = dev_after, cfg.steps
+        method.save(model, run_dir / "best")
+    test_after = None
+    if data.test:
+        if best_step != cfg.steps:  # evaluate the best-dev checkpoint on test, as MeZO does
+            model = load_trained(model, method, run_dir / "best")
+            scorer.model = model
+        test_after = evaluate(data.test, "test (best dev)")
+
+    head, tail = losses[:10] or [float("nan")], losses[-10:] or [float("nan")]
+    summary = Summary(
+        run_dir=str(run_dir), method=cfg.method, task=cfg.task, model=cfg.model,
+        dev_before=dev_before, dev_after=dev_after, dev_best=best_acc, best_step=best_step,
+        test_after=test_after, steps=cfg.steps, forward_passes=engine.forward_passes,
+        train_loss_first=sum(head) / len(head), train_loss_last=sum(tail) / len(tail),
+        wall_s=time.time() - t0, peak_memory_mb=peak_memory_mb(device),
+        trainable_params=method.num_trainable(), adapter=str(run_dir / "adapter"),
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+    return summary
+
+
+def load_trained(model, method, path: Path):
+    """Load saved trainable values (adapter or full weights) back into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    files = list(path.glob("*.safetensors"))
+    require(bool(files), f"no safetensors file in {path}")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    if method.is_adapter:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state, strict=False)
+    return model
