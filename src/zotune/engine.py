@@ -93,20 +93,24 @@ class ZOEngine:
     def step(self, loss_fn: Callable[[], float | torch.Tensor], lr: float) -> StepResult:
         views = self.method.views(self.step_count)  # [(name, tensor or view)] queried this step
         snapshot = [v.detach().clone() for _, v in views]
+        restore = lambda: [v.copy_(s) for (_, v), s in zip(views, snapshot)]
         keys, grads, losses = [], [], []
-        for q in range(self.queries):
-            key = QueryKey(self.seed, self.step_count, q)
-            for (name, v) in views:
-                v.add_(self.method.direction(name, v, key), alpha=self.eps)
-            loss_plus = self._loss(loss_fn)
-            for (_, v), s in zip(views, snapshot):  # theta - eps z = 2 theta - (theta + eps z)
-                v.mul_(-1).add_(s, alpha=2)
-            loss_minus = self._loss(loss_fn)
-            for (_, v), s in zip(views, snapshot):
-                v.copy_(s)
-            keys.append(key)
-            grads.append((loss_plus - loss_minus) / (2 * self.eps))
-            losses.append((loss_plus + loss_minus) / 2)
+        try:
+            for q in range(self.queries):
+                key = QueryKey(self.seed, self.step_count, q)
+                for (name, v) in views:
+                    v.add_(self.method.direction(name, v, key), alpha=self.eps)
+                loss_plus = self._loss(loss_fn)
+                for (_, v), s in zip(views, snapshot):  # theta - eps z = 2 theta - (theta + eps z)
+                    v.mul_(-1).add_(s, alpha=2)
+                loss_minus = self._loss(loss_fn)
+                restore()
+                keys.append(key)
+                grads.append((loss_plus - loss_minus) / (2 * self.eps))
+                losses.append((loss_plus + loss_minus) / 2)
+        except BaseException:  # a NaN, a kill signal: never leave the weights perturbed
+            restore()
+            raise
         self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
         self.step_count += 1
         return StepResult(self.step_count - 1, sum(losses) / len(losses), grads,

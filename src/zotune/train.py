@@ -115,17 +115,17 @@ def train(cfg: TrainConfig) -> Summary:
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = make_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else (lambda msg: None)
-
+    # Everything that can be wrong with the inputs fails here, before a run directory exists.
     data = load_task(cfg.task, Path(cfg.data_dir) if cfg.data_dir else None)
     data = data.subsample(cfg.seed, cfg.train_size, cfg.dev_size, cfg.test_size)
     if not cfg.test_size:
         data.test = []
-    say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
     model, tok, kind = load_model(cfg.model, device=device)
     require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
+    say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     method = get_method(cfg.method)(cfg)
     model = method.prepare(model)
     scorer = Scorer(model, tok, cfg.max_length)

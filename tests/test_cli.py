@@ -1,0 +1,121 @@
+"""The command line: a full run on a tiny model, PEFT-format output, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import SHARED_DATA
+from zotune.cli import main
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "SST-2").exists(), reason="../shared/data not present")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zotune.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@needs_data
+def test_train_writes_a_complete_run_directory_and_a_peft_adapter(tiny_llama, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_llama), "--task", "sst2", "--data-dir", str(SHARED_DATA),
+                 "--steps", "6", "--train-size", "64", "--dev-size", "32", "--eval-every", "3",
+                 "--lr", "0.05", "--output-dir", str(out), "--progress", "false"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dev accuracy" in printed and "forward passes    12 in 6 steps" in printed
+    assert str(out / "adapter") in printed
+    for name in ("config.yaml", "metrics.jsonl", "trajectory.jsonl", "summary.json", "adapter", "best"):
+        assert (out / name).exists(), name
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["steps"] == 6 and config["method"] == "mezo-lora"
+    trajectory = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in trajectory] == list(range(6))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["forward_passes"] == 12
+
+    # The adapter is a standard PEFT adapter: it loads elsewhere and reproduces the trained logits.
+    from zotune.config import TrainConfig
+    from zotune.methods import get_method
+    from zotune.models import load_model
+    from zotune.train import load_trained
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ours, _, _ = load_model(str(tiny_llama))
+    method = get_method("mezo-lora")(TrainConfig())
+    ours = load_trained(method.prepare(ours), method, out / "adapter")
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # it trained
+    ids = torch.tensor([[2, 7, 8, 11, 12, 9]])
+    with torch.no_grad():
+        a = peft_model(input_ids=ids).logits
+        b = ours(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert torch.allclose(a, merged, atol=1e-5)
+
+
+def test_config_file_is_overridden_by_flags(tmp_path):
+    from zotune.cli import build_parser, config_from_args
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("lr: 0.5\nlora-r: 4\nsteps: 7\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--steps", "9"])
+    cfg = config_from_args(args)
+    assert (cfg.lr, cfg.lora_r, cfg.steps) == (0.5, 4, 9)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--method", "sgd-magic"], "unknown method 'sgd-magic'"),
+    (["--lora-r", "0"], "lora_r (rank) must be > 0"),
+    (["--eps", "0"], "eps must be > 0"),
+    (["--eps=-1e-3"], "eps must be > 0"),
+    (["--lr", "-1"], "lr must be >= 0"),
+    (["--steps", "ten"], "setting 'steps' expects int, got 'ten'"),
+    (["--task", "imdb"], "unknown task 'imdb'"),
+])
+def test_bad_settings_fail_in_one_line_with_exit_code_2(args, message, tmp_path):
+    result = run_cli("train", *args, "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_empty_data_fails_in_one_line(tmp_path):
+    (tmp_path / "SST-2" / "original").mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (tmp_path / "SST-2" / "original" / f"stsa.binary.{split}").write_text("")
+    result = run_cli("train", "--task", "sst2", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "empty train split" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_malformed_data_names_file_and_line(tmp_path):
+    root = tmp_path / "SST-2" / "original"
+    root.mkdir(parents=True)
+    (root / "stsa.binary.train").write_text("1 a fine film\nx broken line\n")
+    for split in ("dev", "test"):
+        (root / f"stsa.binary.{split}").write_text("0 dull\n")
+    result = run_cli("train", "--task", "sst2", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "stsa.binary.train:2" in result.stderr
+
+
+def test_help_teaches():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    for flag in ("--method", "--lr", "--eps", "--lora-r", "--config", "examples:"):
+        assert flag in result.stdout
+    assert "mezo-lora" in run_cli("methods").stdout
+    assert "rotten-tomatoes" in run_cli("tasks").stdout

@@ -1,0 +1,87 @@
+"""Methods plug into one protocol; LoRA is upstream peft on every architecture we claim."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_examples
+from zotune.adapters import target_modules
+from zotune.config import TrainConfig
+from zotune.engine import ZOEngine
+from zotune.errors import ZOError
+from zotune.evaluate import Scorer
+from zotune.methods import METHODS, Method, get_method
+from zotune.models import load_model
+from zotune.optim import ZOSGD
+
+
+def test_every_method_registers_behind_one_protocol():
+    assert {"mezo", "mezo-lora"} <= set(METHODS)
+    assert all(issubclass(cls, Method) for cls in METHODS.values())
+    with pytest.raises(ZOError, match="unknown method 'nope'"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("llama", ["q_proj", "v_proj"]), ("qwen3", ["q_proj", "v_proj"]), ("opt", ["q_proj", "v_proj"]),
+    ("gpt2", ["c_attn"]), ("bert", ["query", "value"]),
+])
+def test_lora_targets_are_discovered_per_architecture(tiny_models, arch, expected):
+    model, _, _ = load_model(str(tiny_models[arch]))
+    assert target_modules(model) == expected
+
+
+def test_unknown_target_module_names_the_culprit(tiny_llama):
+    model, _, _ = load_model(str(tiny_llama))
+    with pytest.raises(ZOError, match="unknown target module.*k_projj"):
+        target_modules(model, ["q_proj", "k_projj"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "opt", "gpt2"])
+def test_mezo_lora_trains_only_peft_lora_factors_on_each_causal_architecture(tiny_models, arch):
+    from peft.tuners.lora import LoraLayer
+
+    model, tok, _ = load_model(str(tiny_models[arch]))
+    method = get_method("mezo-lora")(TrainConfig(lora_r=2, lora_alpha=4))
+    model = method.prepare(model)
+    assert any(isinstance(m, LoraLayer) for m in model.modules())  # upstream peft layers, not ours
+    assert method.params and all(("lora_A" in n) or ("lora_B" in n) for n in method.params)
+    base_before = {n: p.clone() for n, p in model.named_parameters() if "lora_" not in n}
+    scorer = Scorer(model, tok)
+    batch = synthetic_examples(4)
+    engine = ZOEngine(method, ZOSGD(), eps=1e-2, seed=0)
+    for _ in range(2):
+        engine.step(lambda: scorer.loss(batch), lr=1e-1)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(base_before[n], after[n]) for n in base_before)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in method.params.items() if "lora_B" in n)
+
+
+def test_mezo_trains_all_base_weights_once_each(tiny_llama):
+    model, _, _ = load_model(str(tiny_llama))
+    method = get_method("mezo")(TrainConfig(method="mezo"))
+    method.prepare(model)
+    assert method.num_trainable() == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_restricted_candidate_logits_rank_and_loss_like_full_vocabulary_logits(tiny_llama):
+    """Scoring only the verbalizer rows must not change the loss or the predictions."""
+    import torch.nn.functional as F
+
+    model, tok, _ = load_model(str(tiny_llama))
+    scorer = Scorer(model, tok)
+    batch = synthetic_examples(6, seed=3)
+    fast = scorer.scores(batch)
+    full = scorer._scores_multi(batch)  # full log-softmax at the answer position
+    labels = torch.tensor([e.label for e in batch])
+    assert torch.equal(fast.argmax(-1), full.argmax(-1))
+    assert torch.allclose(F.cross_entropy(fast, labels), F.cross_entropy(full, labels), atol=1e-5)
+    with torch.no_grad():  # and the full model's own logits agree
+        enc = tok([e.prompt for e in batch], return_tensors="pt", padding=True)
+        logits = model(**enc).logits
+        last = enc.attention_mask.sum(1) - 1
+        ids = [tok(c, add_special_tokens=False).input_ids[0] for c in batch[0].candidates]
+        ref = logits[torch.arange(len(batch)), last][:, ids]
+    assert torch.allclose(fast, ref, atol=1e-4)
