@@ -55,7 +55,7 @@ def target_modules(model: nn.Module, requested: list[str] | None = None) -> list
 
 
 def attach_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | None = None,
-                init_lora_weights: bool | str = True):
+                init_lora_weights: bool | str = True, use_rslora: bool = False):
     """Wrap ``model`` in a peft LoRA model and return it (base frozen by peft)."""
     from peft import LoraConfig, get_peft_model
 
@@ -68,6 +68,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | 
         lora_dropout=0.0,
         bias="none",
         init_lora_weights=init_lora_weights,
+        use_rslora=use_rslora,
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
     )
     return get_peft_model(model, config)

@@ -46,6 +46,10 @@ class TrainConfig:
     lora_r: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(16.0, "LoRA alpha (peft scaling = alpha / r)")
     target_modules: list = _f([], "modules to adapt (default: per architecture, e.g. q_proj,v_proj)")
+    # AR1-ZO
+    ar1_scaling: str = _f("topology", "AR1-ZO scale: topology (lora_alpha = alpha*r, scale alpha) | canonical (alpha/r) | rslora (alpha/sqrt r)")
+    ar1_schedule: str = _f("cyclic", "AR1-ZO atom order: cyclic (k = step mod r) | random")
+    ar1_per_layer: bool = _f(False, "AR1-ZO: each layer picks its own atom (seeded offset / independent draw)")
     # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
     train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
     dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")

@@ -18,7 +18,15 @@ from ..errors import ZOError
 
 @dataclass(frozen=True)
 class Example:
-    """A prompt, its candidate continuations, and the gold candidate's index."""
+    """A prompt, its candidate continuations, and the gold candidate's index.
+
+    A candidate is exactly the text that follows the prompt, so ``prompt +
+    candidate`` is the full string the model scores: after a prompt that ends in
+    a word the candidate starts with a space (``"... It was"`` + ``" great"``);
+    after a prompt that ends in a newline it does not (``"... Yes or No?\\n"`` +
+    ``"Yes"``), as in MeZO's templates. Tokenizing the two parts separately then
+    gives the same tokens as tokenizing the joined text.
+    """
 
     prompt: str
     candidates: tuple[str, ...]
@@ -44,6 +52,19 @@ class TaskData:
 
         return TaskData(self.name, take(self.train, train, 1), take(self.dev, dev, 2),
                         take(self.test, test, 3), dict(self.sources))
+
+
+def hold_out(items: list, n: int, seed: int = 0) -> tuple[list, list]:
+    """Split ``items`` into (rest, held) with ``n`` held out at seeded positions.
+
+    Deterministic (a fixed seed, not the run's seed) so that every run sees the
+    same split; both parts keep the original order.
+    """
+    if not 0 < n < len(items):
+        raise ZOError(f"cannot hold out {n} of {len(items)} examples")
+    held = set(random.Random(seed).sample(range(len(items)), n))
+    return ([x for i, x in enumerate(items) if i not in held],
+            [x for i, x in enumerate(items) if i in held])
 
 
 TaskLoader = Callable[[Path | None], TaskData]
