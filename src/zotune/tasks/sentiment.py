@@ -103,3 +103,39 @@ def sst2(data_dir: Path | None = None) -> TaskData:
     files = {s: root / f"stsa.binary.{s}" for s in ("train", "dev", "test")}
     return TaskData("sst2", *(_read_stsa(files[s]) for s in ("train", "dev", "test")),
                     sources={s: str(p) for s, p in files.items()})
+
+
+GLUE_SST2_DEV = Path("SST-2") / "k-shot" / "SST-2" / "16-42" / "test.tsv"
+SST2_GLUE_DEV_SIZE = 500
+
+
+def _read_glue_sst2(path: Path) -> list[Example]:
+    """GLUE SST-2 TSV: a ``sentence<TAB>label`` header, then one row per sentence."""
+    import csv
+
+    from .readers import read_rows
+
+    rows = read_rows(path, "\t", csv.QUOTE_NONE, what="GLUE SST-2 file")
+    if not rows or [c.strip() for c in rows[0][1]] != ["sentence", "label"]:
+        raise ZOError(f"{path}:1: expected the header 'sentence<TAB>label'")
+    out = []
+    for lineno, row in rows[1:]:
+        if len(row) != 2 or row[1].strip() not in ("0", "1"):
+            raise ZOError(f"{path}:{lineno}: expected '<sentence>\\t<0|1>', got {chr(9).join(row)[:60]!r}")
+        out.append(sentiment_example(row[0], int(row[1])))
+    return out
+
+
+@register_task("sst2-glue", "SST-2 evaluated as MeZO does, on the GLUE SST-2 validation set (872; read from "
+                            "SST-2/k-shot/SST-2/16-42/test.tsv) as test; train = sentence-level SST-2 train "
+                            "(stsa.binary.train) minus a seeded dev hold-out of 500 (GLUE's phrase-level train "
+                            "is not in the shared data)")
+def sst2_glue(data_dir: Path | None = None) -> TaskData:
+    from .base import hold_out
+
+    root = Path(data_dir or default_data_dir())
+    train_file, test_file = root / "SST-2" / "original" / "stsa.binary.train", root / GLUE_SST2_DEV
+    train, dev = hold_out(_read_stsa(train_file), SST2_GLUE_DEV_SIZE, seed=0)
+    return TaskData("sst2-glue", train, dev, _read_glue_sst2(test_file),
+                    sources={"train": str(train_file), "dev": f"{train_file} (seeded {SST2_GLUE_DEV_SIZE})",
+                             "test": str(test_file)})
