@@ -119,3 +119,23 @@ def test_help_teaches():
         assert flag in result.stdout
     assert "mezo-lora" in run_cli("methods").stdout
     assert "rotten-tomatoes" in run_cli("tasks").stdout
+
+
+def test_train_on_the_users_own_csv_files(tiny_llama, tmp_path, capsys):
+    rows = ["review,stars", '"dull, clumsy and boring",1', "a charming lovely film,5", "awful plot,1", "superb story,5"]
+    (tmp_path / "train.csv").write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "dev.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    code = main(["train", "--model", str(tiny_llama), "--train-file", str(tmp_path / "train.csv"),
+                 "--dev-file", str(tmp_path / "dev.csv"), "--text-field", "review", "--label-field", "stars",
+                 "--verbalizer", "1=terrible,5=great", "--steps", "2", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "run"), "--progress", "false"])
+    assert code == 0
+    assert "forward passes    4 in 2 steps" in capsys.readouterr().out
+
+
+def test_unknown_label_in_users_file_fails_in_one_line(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "bad", "label": 7}\n')
+    result = run_cli("train", "--train-file", str(tmp_path / "train.jsonl"), "--dev-file", str(tmp_path / "train.jsonl"),
+                     "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.jsonl:2" in result.stderr and not (tmp_path / "r").exists()

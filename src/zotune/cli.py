@@ -25,6 +25,8 @@ examples:
   zotune train --method mezo --lr 1e-6 --eps 1e-3   # full-parameter MeZO
   zotune train --config run.yaml --seed 1        # YAML file, overridden by flags
   zotune eval --task sst2 --data-dir ../shared/data --adapter runs/X/adapter
+  zotune train --train-file my.csv --dev-file my_dev.csv --text-field review --label-field stars \
+               --verbalizer "1=terrible,5=great"          # your own data
 """
 
 
@@ -57,11 +59,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluate import Scorer
     from .models import load_model
-    from .tasks import load_task
+    from .tasks import resolve_task
     from .train import pick_device
 
     device = pick_device(args.device)
-    data = load_task(args.task, Path(args.data_dir) if args.data_dir else None)
+    data = resolve_task(args.task, Path(args.data_dir) if args.data_dir else None)
     split = getattr(data, args.split)
     if not split:
         raise ZOError(f"task {args.task!r} has no {args.split} split")
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy of a model (zero-shot, or with a saved adapter) on a task split")
     p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")
-    p.add_argument("--task", default="rotten-tomatoes", help="task name (default: rotten-tomatoes)")
+    p.add_argument("--task", default="rotten-tomatoes", help="task name or YAML task file (default: rotten-tomatoes)")
     p.add_argument("--data-dir", default="", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
     p.add_argument("--adapter", default="", help="PEFT adapter folder to apply (e.g. runs/X/adapter)")
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"], help="split to evaluate (default: dev)")

@@ -29,8 +29,16 @@ class TrainConfig:
 
     # what to train
     model: str = _f("smollm2-135m", "named offline model (see `zotune models`) or a local Hugging Face folder")
-    task: str = _f("rotten-tomatoes", "task name (see `zotune tasks`)")
+    task: str = _f("rotten-tomatoes", "task name (see `zotune tasks`) or a YAML task file (your own data)")
     data_dir: str = _f("", "folder with the benchmark data files (default: $ZOTUNE_DATA or ../shared/data)")
+    train_file: str = _f("", "your own training data: a .jsonl, .csv or .tsv file (replaces --task)")
+    dev_file: str = _f("", "your own dev data (same format)")
+    test_file: str = _f("", "your own test data (same format)")
+    text_field: str = _f("text", "field (or column number, for files without header) holding the text")
+    text_pair_field: str = _f("", "field holding a second text, {text_pair} in the template")
+    label_field: str = _f("label", "field holding the label")
+    template: str = _f("{text} It was", "prompt template for your own data")
+    verbalizer: str = _f("0=terrible,1=great", "label=word pairs for your own data; the words are the candidates")
     method: str = _f("mezo-lora", "ZO method (see `zotune methods`)")
     # the ZO step
     steps: int = _f(180, "number of ZO steps")
@@ -83,7 +91,8 @@ class TrainConfig:
 
         get_method(self.method)
         require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        require(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(sorted(TASKS))}")
+        if not self.train_file and not self.task.endswith((".yaml", ".yml")):
+            require(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(sorted(TASKS))}")
         return self
 
     def to_dict(self) -> dict:

@@ -76,11 +76,8 @@ class Scorer:
     # -- scores --------------------------------------------------------------------------
     def scores(self, examples: Sequence[Example]) -> torch.Tensor:
         """``[len(examples), n_candidates]`` candidate scores (higher is better)."""
-        n_cands = {len(e.candidates) for e in examples}
-        if len(n_cands) != 1:
-            raise ZOError("examples in one batch must have the same number of candidates")
         singles = [self._single_token_ids(e.candidates) for e in examples]
-        if all(s is not None for s in singles):
+        if len({len(e.candidates) for e in examples}) == 1 and all(s is not None for s in singles):
             return self._scores_single(examples, singles)
         return self._scores_multi(examples)
 
@@ -110,7 +107,15 @@ class Scorer:
             logits = head(hidden[i, start - 1 : start - 1 + n]).float()  # positions predicting the candidate
             target = torch.tensor(seqs[i][start : start + n], device=logits.device)
             out.append(F.log_softmax(logits, -1).gather(1, target[:, None]).mean())
-        return torch.stack(out).view(len(examples), -1)
+        # Examples may have different numbers of candidates (ReCoRD): pad with -inf,
+        # which neither wins the argmax nor takes probability mass in the cross-entropy.
+        width = max(len(e.candidates) for e in examples)
+        scores = torch.full((len(examples), width), float("-inf"), device=hidden.device)
+        i = 0
+        for row, e in enumerate(examples):
+            scores[row, : len(e.candidates)] = torch.stack(out[i : i + len(e.candidates)])
+            i += len(e.candidates)
+        return scores
 
     # -- what training and evaluation use ------------------------------------------------
     @torch.no_grad()

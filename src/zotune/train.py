@@ -27,7 +27,7 @@ from .evaluate import Scorer
 from .methods import get_method
 from .models import load_model
 from .optim import make_optimizer
-from .tasks import Example, load_task
+from .tasks import Example, TaskData, resolve_task
 
 
 def pick_device(name: str) -> str:
@@ -57,9 +57,18 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
+def task_data(cfg: TrainConfig) -> TaskData:
+    """The run's data: the user's files, a YAML task file, or a named task."""
+    return resolve_task(cfg.task, Path(cfg.data_dir) if cfg.data_dir else None, cfg.train_file, cfg.dev_file,
+                        cfg.test_file, text_field=cfg.text_field, label_field=cfg.label_field,
+                        text_pair_field=cfg.text_pair_field or None, template=cfg.template,
+                        verbalizer=cfg.verbalizer)
+
+
 def make_run_dir(cfg: TrainConfig) -> Path:
     """Create the run directory and prove it is writable before any training."""
-    path = Path(cfg.output_dir or f"runs/{cfg.task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    task = Path(cfg.train_file).stem if cfg.train_file else Path(cfg.task).stem
+    path = Path(cfg.output_dir or f"runs/{task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -117,7 +126,7 @@ def train(cfg: TrainConfig) -> Summary:
         torch.set_num_threads(cfg.threads)
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else (lambda msg: None)
     # Everything that can be wrong with the inputs fails here, before a run directory exists.
-    data = load_task(cfg.task, Path(cfg.data_dir) if cfg.data_dir else None)
+    data = task_data(cfg)
     data = data.subsample(cfg.seed, cfg.train_size, cfg.dev_size, cfg.test_size)
     if not cfg.test_size:
         data.test = []

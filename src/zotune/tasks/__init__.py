@@ -7,10 +7,31 @@ MeZO's prompts (:mod:`.superglue`) and the LM-BFF k-shot suite
 :func:`load_task_file` (:mod:`.files`), which register nothing.
 """
 
+from ..errors import ZOError
 from .base import TASKS, Example, TaskData, load_task, register_task
 from . import sentiment, superglue, lmbff  # noqa: F401  (registration side effects)
 from .files import load_task_file, load_user_files
 from .lmbff import lmbff_task
 
-__all__ = ["TASKS", "Example", "TaskData", "load_task", "register_task", "load_user_files", "load_task_file",
+
+
+def resolve_task(task: str, data_dir=None, train_file: str = "", dev_file: str = "", test_file: str = "",
+                 **fields) -> TaskData:
+    """The task a run asked for: its own files, a YAML task file, or a registered task by name.
+
+    ``fields`` are :func:`load_user_files`' keyword arguments (text_field, template, ...).
+    """
+    if train_file or dev_file or test_file:
+        data = load_user_files(train_file or None, dev_file or None, test_file or None, **fields)
+    elif task.endswith((".yaml", ".yml")):
+        data = load_task_file(task)
+    else:
+        return load_task(task, data_dir)
+    for split in ("train", "dev"):
+        if not getattr(data, split):
+            raise ZOError(f"task {data.name!r} has no {split} data (give --{split}-file)")
+    return data
+
+
+__all__ = ["resolve_task", "TASKS", "Example", "TaskData", "load_task", "register_task", "load_user_files", "load_task_file",
            "lmbff_task"]
