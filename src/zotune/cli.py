@@ -120,6 +120,39 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snr(args: argparse.Namespace) -> int:
+    from .diagnostics.fd_snr import CONFIGS, SNRConfig, measure, summarize, write_outputs
+
+    ints = lambda text: tuple(int(x) for x in text.split(","))
+    configs = tuple(args.configs.split(","))
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        raise ZOError(f"unknown snr config {bad[0]!r}; choose from: {', '.join(CONFIGS)}")
+    try:
+        ranks = ints(args.ranks)
+    except ValueError:
+        raise ZOError(f"--ranks expects comma-separated integers, got {args.ranks!r}") from None
+    if min(ranks) < 1:
+        raise ZOError("ranks must be >= 1")
+    if args.noise not in ("bf16", "batch"):
+        raise ZOError(f"--noise must be bf16 or batch, got {args.noise!r}")
+    cfg = SNRConfig(model=args.model, task=args.task, data_dir=args.data_dir, ranks=ranks, configs=configs,
+                    points=tuple(args.points.split(",")), lora_alpha=args.lora_alpha, eps=args.eps,
+                    n_dirs=args.n_dirs, batch_size=args.batch_size, noise=args.noise, warm_norm=args.warm_norm,
+                    seed=args.seed)
+    rows = measure(cfg)
+    fits = summarize(rows)
+    write_outputs(rows, fits, Path(args.out))
+    print(f"{'config':16s} {'point':6s} {'rank':>5s} {'S':>10s} {'N':>10s} {'FD-SNR':>10s}")
+    for r in rows:
+        print(f"{r['config']:16s} {r['point']:6s} {r['rank']:5d} {r['S']:10.4g} {r['N']:10.4g} {r['snr']:10.4g}")
+    print("log-log slopes against r:")
+    for f in fits:
+        print(f"  {f['config']:16s} {f['point']:6s} S: {f['slope_S']:+.2f}   FD-SNR: {f['slope_snr']:+.2f}")
+    print(f"written to {args.out}/fd_snr.{{json,csv,png}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zotune",
@@ -149,6 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256, help="max prompt tokens (default: 256)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "snr", help="FD signal and FD-SNR against LoRA rank, per scaling rule and query topology",
+        description=__import__("zotune.diagnostics.fd_snr", fromlist=["x"]).__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")
+    p.add_argument("--task", default="sst2", help="task whose training batches are used (default: sst2)")
+    p.add_argument("--data-dir", default="", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
+    p.add_argument("--ranks", default="1,2,4,8,16,32,64", help="comma-separated ranks (default: 1,2,4,8,16,32,64)")
+    p.add_argument("--configs", default="mezo-lora,atom-canonical,atom-rslora,ar1zo",
+                   help="query topologies and scalings to compare (default: all four)")
+    p.add_argument("--points", default="init,warm", help="parameter points: init and/or warm (default: both)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="alpha (default: 16)")
+    p.add_argument("--eps", type=float, default=1e-2, help="perturbation size (default: 1e-2)")
+    p.add_argument("--n-dirs", type=int, default=8, help="directions per point (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="minibatch size (default: 8)")
+    p.add_argument("--noise", default="bf16", help="noise floor source: bf16 | batch (default: bf16)")
+    p.add_argument("--warm-norm", type=float, default=0.02, help="warm point: |s B A| / |W| per layer (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--out", default="benchmarks/results/fd_snr", help="output folder (default: benchmarks/results/fd_snr)")
+    p.set_defaults(func=cmd_snr)
 
     p = sub.add_parser("models", help="list the named offline models, or prepare (convert) them")
     p.add_argument("--prepare", nargs="+", metavar="NAME", help="convert/prepare these named models now")

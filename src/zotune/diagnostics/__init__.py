@@ -1,0 +1,1 @@
+"""Diagnostics that show why a method works: FD-SNR against rank."""
