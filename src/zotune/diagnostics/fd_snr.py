@@ -112,6 +112,7 @@ def measure(cfg: SNRConfig, progress: bool = True) -> list[dict]:
         tc = TrainConfig(method=method_name, lora_r=r, lora_alpha=cfg.lora_alpha, ar1_scaling=scaling,
                          seed=cfg.seed)
         method = get_method(method_name)(tc)
+        torch.manual_seed(cfg.seed)  # the same A at every rank's points, whatever the scaling
         model = method.prepare(model)
         if point == "warm":
             _warm_start(method, model, cfg.warm_norm, cfg.seed)
