@@ -6,7 +6,7 @@ what to quote, not the seconds. Peak memory is measured in fresh subprocesses
 (one per mode), since a process's peak RSS never goes down: training peak /
 inference peak, where inference = loading the model and scoring the batch.
 
-    python benchmarks/step_cost.py                      # SmolLM2-135M, mezo-lora and mezo
+    python benchmarks/step_cost.py                      # SmolLM2-135M: mezo-lora, ar1zo and mezo
     python benchmarks/step_cost.py --methods mezo-lora --repeats 5 --out benchmarks/results/step_cost.json
 """
 
@@ -84,7 +84,7 @@ def peak_memory(model_name: str, mode: str, batch_size: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="mezo-lora,mezo")
+    ap.add_argument("--methods", default="mezo-lora,ar1zo,mezo")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default="benchmarks/results/step_cost.json")

@@ -39,11 +39,11 @@ class TrainConfig:
     label_field: str = _f("label", "field holding the label")
     template: str = _f("{text} It was", "prompt template for your own data")
     verbalizer: str = _f("0=terrible,1=great", "label=word pairs for your own data; the words are the candidates")
-    method: str = _f("mezo-lora", "ZO method (see `zotune methods`)")
+    method: str = _f("ar1zo", "ZO method (see `zotune methods`)")
     # the ZO step
-    steps: int = _f(180, "number of ZO steps")
+    steps: int = _f(200, "number of ZO steps")
     batch_size: int = _f(16, "training examples per step (both perturbations see the same batch)")
-    lr: float = _f(2e-3, "learning rate")
+    lr: float = _f(1.5e-2, "learning rate (ar1zo default; mezo-lora wants ~3e-3, mezo ~1e-6)")
     eps: float = _f(1e-2, "perturbation size epsilon")
     queries: int = _f(1, "queries (directions) per step; each costs two forward passes")
     optimizer: str = _f("sgd", "how estimates become updates: sgd | momentum | adam")
@@ -52,7 +52,8 @@ class TrainConfig:
     betas: list = _f([0.9, 0.999], "Adam betas (optimizer=adam)")
     # LoRA-type methods
     lora_r: int = _f(8, "LoRA rank r")
-    lora_alpha: float = _f(16.0, "LoRA alpha (peft scaling = alpha / r)")
+    lora_alpha: float = _f(0.0, "LoRA alpha; 0 = the method's default: 16 for mezo-lora (MeZO's; scale 16/r), "
+                                "2 for ar1zo (scale 2 at every rank, which is mezo-lora's 16/8 at r=8)")
     target_modules: list = _f([], "modules to adapt (default: per architecture, e.g. q_proj,v_proj)")
     # AR1-ZO
     ar1_scaling: str = _f("topology", "AR1-ZO scale: topology (lora_alpha = alpha*r, scale alpha) | canonical (alpha/r) | rslora (alpha/sqrt r)")
@@ -80,7 +81,7 @@ class TrainConfig:
         require(math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}")
         require(self.queries >= 1, f"queries must be >= 1, got {self.queries}")
         require(self.lora_r >= 1, f"lora_r (rank) must be > 0, got {self.lora_r}")
-        require(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        require(self.lora_alpha >= 0, f"lora_alpha must be > 0 (or 0 for the method's default), got {self.lora_alpha}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")

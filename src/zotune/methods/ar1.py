@@ -42,13 +42,14 @@ def lora_alpha_for(scaling: str, alpha: float, r: int) -> tuple[float, bool]:
 @register
 class AR1ZO(Method):
     name = "ar1zo"
+    default_alpha = 2.0  # scale 2 at every rank: MeZO-LoRA's 16/8 at r=8, so lrs transfer at r=8
 
     def prepare(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
         if cfg.ar1_schedule not in ("cyclic", "random"):
             raise ZOError(f"unknown AR1 schedule {cfg.ar1_schedule!r}; choose cyclic or random")
         self.rank = cfg.lora_r
-        gamma, rslora = lora_alpha_for(cfg.ar1_scaling, cfg.lora_alpha, self.rank)
+        gamma, rslora = lora_alpha_for(cfg.ar1_scaling, cfg.lora_alpha or self.default_alpha, self.rank)
         model = attach_lora(model, self.rank, gamma, cfg.target_modules or None, use_rslora=rslora)
         self.params = lora_params(model)
         # Pair each layer's A (r x d_in) with its B (d_out x r): one atom = (row k of A, column k of B).

@@ -15,9 +15,10 @@ from .base import Method, register
 @register
 class MeZOLoRA(Method):
     name = "mezo-lora"
+    default_alpha = 16.0  # MeZO's LoRA setting (r=8, alpha=16)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.target_modules or None)
+        model = attach_lora(model, cfg.lora_r, cfg.lora_alpha or self.default_alpha, cfg.target_modules or None)
         self.params = lora_params(model)
         return model

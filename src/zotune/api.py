@@ -1,0 +1,313 @@
+"""zotune from your own code: :class:`ZOOptimizer`, a torch.optim-style zeroth-order optimizer.
+
+The CLI's recipe (``zotune train``) is one way to drive the ZO engine; this
+module is the other: you own the model, the data and the loop, zotune owns the
+step. ``ZOOptimizer`` builds exactly what ``zotune train`` builds for the same
+settings (a :class:`~zotune.config.TrainConfig`, the method's ``prepare``, the
+optimizer and a :class:`~zotune.engine.ZOEngine`), so the same config and seed
+give bit-identical adapters either way.
+
+It also registers the method ``"params"``: MeZO's Gaussian directions over
+tensors *you* choose (the LoRA factors of a peft model you built yourself, a
+few layers of a plain ``nn.Module``), with no adapter attached by zotune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .engine import StepResult, ZOEngine
+from .errors import ZOError
+from .methods import get_method, register
+from .methods.base import Method
+from .optim import make_optimizer
+
+__all__ = ["ZOOptimizer", "ParamsMethod"]
+
+Closure = Callable[[], "float | torch.Tensor"]
+ParamsSpec = "Mapping[str, torch.Tensor] | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None"
+
+
+@register
+class ParamsMethod(Method):
+    """Your own tensors, perturbed along MeZO's Gaussian directions (no adapter attached).
+
+    ``params`` is a dict ``{name: tensor}``, an iterable of ``(name, tensor)``
+    pairs (``model.named_parameters()``), an iterable of the model's own
+    parameters (named after them), or None: every parameter with
+    ``requires_grad=True``, which is what a peft model you built yourself
+    marks as trainable. Names matter: each tensor's direction is seeded by its
+    name, so they must be stable across runs. ``requires_grad`` flags are left
+    as they are (the ZO step runs under ``torch.no_grad`` anyway).
+    """
+
+    name = "params"
+    is_adapter = False
+
+    def __init__(self, cfg: Any, params: ParamsSpec = None):
+        super().__init__(cfg)
+        self._given = params
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        named = dict(model.named_parameters())
+        given = self._given
+        if given is None:
+            self.params = {n: p for n, p in named.items() if p.requires_grad}
+            if not self.params:
+                raise ZOError("method 'params': the model has no parameter with requires_grad=True; "
+                              "mark the tensors to train or pass params=[...]")
+            return model
+        if isinstance(given, Mapping):
+            pairs = list(given.items())
+        else:
+            items = list(given)
+            if all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in items):
+                pairs = items
+            else:
+                by_id = {id(p): n for n, p in named.items()}
+                pairs = []
+                for i, t in enumerate(items):
+                    if not isinstance(t, torch.Tensor):
+                        raise ZOError(f"method 'params': item {i} of params is a {type(t).__name__}, not a tensor")
+                    if id(t) not in by_id:
+                        raise ZOError(f"method 'params': tensor {i} of params (shape {tuple(t.shape)}) is not a "
+                                      "parameter of the model; pass a dict {name: tensor} to name it "
+                                      "(its name seeds its directions)")
+                    pairs.append((by_id[id(t)], t))
+        self.params = {}
+        for n, t in pairs:
+            if n in self.params:
+                raise ZOError(f"method 'params': tensor {n!r} given twice")
+            if not t.is_floating_point():
+                raise ZOError(f"method 'params': tensor {n!r} is {t.dtype}, not floating point")
+            self.params[n] = t
+        if not self.params:
+            raise ZOError("method 'params': params is empty")
+        return model
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        """``save_pretrained`` when the model has it (a peft adapter, an HF model), else the tensors as safetensors."""
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(path)
+            return
+        from safetensors.torch import save_file
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(Path(path) / "params.safetensors"))
+
+
+def prepare_seeded(method: Method, model: nn.Module, seed: int) -> nn.Module:
+    """``method.prepare(model)`` with torch's global RNG seeded by ``seed`` (peft draws LoRA's A from it).
+
+    The initial adapter is then a function of the run seed, and the caller's
+    global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        return method.prepare(model)
+
+
+def _config(method: str, lr: float, eps: float, queries: int, optimizer: str, seed: int,
+            settings: dict[str, Any]) -> TrainConfig:
+    if "rank" in settings:  # the issue's spelling; TrainConfig calls it lora_r
+        if "lora_r" in settings:
+            raise ZOError("give the LoRA rank once: rank= or lora_r=, not both")
+        settings["lora_r"] = settings.pop("rank")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ZOError(f"unknown setting(s) {', '.join(unknown)}; ZOOptimizer takes TrainConfig fields "
+                      f"(see `zotune train --help`), e.g. lora_r, lora_alpha, target_modules, weight_decay")
+    return TrainConfig.from_dict(dict(method=method, lr=lr, eps=eps, queries=queries, optimizer=optimizer,
+                                      seed=seed, **settings), source="ZOOptimizer").validate()
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """A zeroth-order optimizer with the torch.optim interface: ``loss = opt.step(closure)``.
+
+    Each step evaluates ``closure()`` twice per query, at θ+εz and θ−εz, along a
+    direction z drawn from (seed, step, query, tensor name), restores θ exactly
+    and moves it by the measured slope. No backward pass: the closure may
+    compute any objective, differentiable or not (accuracy, a reward), as long
+    as it returns a scalar (float or one-element tensor) that is *lower when
+    better*, and sees the same data in both calls.
+
+    Example (SmolLM2 with AR1-ZO on the default task)::
+
+        import torch, zotune
+        from zotune.models import load_model
+        from zotune.evaluate import Scorer
+        from zotune.tasks import load_task
+
+        model, tok, _ = load_model("smollm2-135m")
+        opt = zotune.ZOOptimizer(model, method="ar1zo", lr=2e-2, eps=1e-2, lora_r=8, lora_alpha=2)
+        model = opt.model                       # LoRA-type methods wrap the model with peft
+        scorer = Scorer(model, tok)
+        train = load_task("rotten-tomatoes").train[:512]
+        for step in range(100):
+            batch = train[step * 16 % 512:][:16]
+            loss = opt.step(lambda: scorer.loss(batch))   # two forward passes, no backward
+
+    Your own model, your own loss::
+
+        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = zotune.ZOOptimizer(net, method="mezo", lr=1e-2, eps=1e-3)
+        loss = opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
+
+    A peft model you built yourself (zotune attaches nothing, it trains the
+    tensors with ``requires_grad=True``, or the ones you pass as ``params``)::
+
+        peft_model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        opt = zotune.ZOOptimizer(peft_model, method="params", lr=1e-3, eps=1e-2)
+
+    A non-differentiable objective::
+
+        opt.step(lambda: 1.0 - accuracy(model, batch))
+
+    Learning-rate schedules: ``opt.param_groups[0]["lr"]`` is the lr of the next
+    step, so any ``torch.optim.lr_scheduler`` works with ``opt``.
+
+    Args:
+        model: the module to train (a transformers model, a peft model, any ``nn.Module``).
+        method: a registered method (``zotune methods``): ``"mezo"`` (every
+            parameter), ``"mezo-lora"`` (attach peft LoRA, perturb all of A and B),
+            ``"ar1zo"`` (attach LoRA, perturb one rank-1 atom per layer per step), or
+            ``"params"`` (your own tensors, see ``params``).
+        lr: learning rate (the CLI default, tuned for LoRA-type methods;
+            full-parameter MeZO wants ~1e-6 to 1e-7 on real LMs).
+        eps: perturbation size ε.
+        queries: directions per step; each costs two forward passes.
+        optimizer: how the slopes become updates: ``"sgd"``, ``"momentum"`` or ``"adam"``
+            (their state lives in the queried space).
+        seed: the run seed; every direction, and the LoRA initialisation of the
+            LoRA-type methods, derive from it.
+        params: only for ``method="params"``: a dict ``{name: tensor}``, an iterable
+            of ``(name, tensor)`` pairs or of the model's parameters; None means every
+            parameter with ``requires_grad=True``.
+        **settings: any other :class:`~zotune.config.TrainConfig` field, as in
+            ``zotune train --help``: ``lora_r`` (alias ``rank``), ``lora_alpha``,
+            ``target_modules``, ``ar1_scaling``, ``ar1_schedule``, ``weight_decay``,
+            ``momentum``, ``betas``, ...
+
+    Attributes:
+        model: the model to use from now on (a peft wrapper for LoRA-type methods).
+        method: the :class:`~zotune.methods.Method`; ``method.params`` are the trainable tensors.
+        config: the resolved :class:`~zotune.config.TrainConfig`.
+        last: the :class:`~zotune.engine.StepResult` of the last step (losses, slopes g, keys).
+        forward_passes: closure evaluations so far.
+        step_count: steps taken so far.
+
+    ``state_dict()`` / ``load_state_dict()`` capture everything needed to resume
+    exactly: step, forward passes, seed, lr, the trainable tensors' values, the
+    optimizer's and the method's state.
+    """
+
+    def __init__(self, model: nn.Module, method: str, *, lr: float = 2e-3, eps: float = 1e-2, queries: int = 1,
+                 optimizer: str = "sgd", seed: int = 0, params: ParamsSpec = None, **settings: Any):
+        if not isinstance(model, nn.Module):
+            raise ZOError(f"ZOOptimizer needs the model (an nn.Module), got {type(model).__name__}; "
+                          "unlike torch.optim it chooses the trainable tensors itself (method=...)")
+        if params is not None and method != "params":
+            raise ZOError(f"params= selects tensors for method='params'; method {method!r} chooses its own")
+        self.config = cfg = _config(method, lr, eps, queries, optimizer, seed, dict(settings))
+        cls = get_method(method)
+        self.method = cls(cfg, params=params) if cls is ParamsMethod else cls(cfg)
+        self.model = prepare_seeded(self.method, model, seed)
+        self._optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum,
+                                         tuple(float(b) for b in cfg.betas))
+        self.engine = ZOEngine(self.method, self._optimizer, cfg.eps, cfg.queries, cfg.seed)
+        self.last: StepResult | None = None
+        super().__init__(list(self.method.params.values()), {"lr": cfg.lr})
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+        """One ZO step: 2·queries calls of ``closure`` (under ``torch.no_grad``); returns the mean loss.
+
+        The returned loss is the mean of (L(θ+εz) + L(θ−εz))/2 over queries,
+        the loss at θ to first order, measured *before* the update.
+        """
+        if closure is None:
+            raise ZOError("ZOOptimizer.step needs a closure returning the loss: opt.step(lambda: loss_fn(batch)); "
+                          "a zeroth-order step evaluates it twice per query, at θ+εz and θ−εz")
+        lr = float(self.param_groups[0]["lr"])
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ZOError(f"lr must be >= 0, got {lr}")
+        self.last = self.engine.step(closure, lr)
+        return self.last.loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do (ZO builds no gradients); kept so torch-style loops run unchanged."""
+
+    @property
+    def forward_passes(self) -> int:
+        return self.engine.forward_passes
+
+    @property
+    def step_count(self) -> int:
+        return self.engine.step_count
+
+    @property
+    def seed(self) -> int:
+        return self.engine.seed
+
+    def num_trainable(self) -> int:
+        return self.method.num_trainable()
+
+    def save(self, path: str | Path) -> None:
+        """Write what was trained, as ``zotune train`` does (a PEFT adapter folder for LoRA-type methods)."""
+        self.method.save(self.model, Path(path))
+
+    # -- resume --------------------------------------------------------------------------
+    def state_dict(self, params: bool = True) -> dict[str, Any]:  # type: ignore[override]
+        """Everything needed to resume exactly; ``params=False`` leaves out the trainable values
+        (for when the model is saved elsewhere, as a Trainer checkpoint does)."""
+        state: dict[str, Any] = {
+            "method": self.config.method,
+            "step": self.engine.step_count,
+            "forward_passes": self.engine.forward_passes,
+            "seed": self.engine.seed,
+            "eps": self.engine.eps,
+            "queries": self.engine.queries,
+            "lr": [float(g["lr"]) for g in self.param_groups],
+            "optimizer": self._optimizer.state_dict(),
+            "method_state": self.method.state_dict(),
+        }
+        if params:
+            state["params"] = {n: p.detach().clone() for n, p in self.method.params.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore a :meth:`state_dict`: the next step is the one the saved optimizer would have taken."""
+        if state.get("method") != self.config.method:
+            raise ZOError(f"state is for method {state.get('method')!r}, this optimizer runs {self.config.method!r}")
+        if "params" in state:
+            saved, ours = state["params"], self.method.params
+            if set(saved) != set(ours):
+                missing, extra = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
+                raise ZOError(f"state's trainable tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
+            with torch.no_grad():
+                for n, p in ours.items():
+                    if saved[n].shape != p.shape:
+                        raise ZOError(f"state's {n} has shape {tuple(saved[n].shape)}, the model's {tuple(p.shape)}")
+                    p.copy_(saved[n])
+        self.engine.step_count = int(state["step"])
+        self.engine.forward_passes = int(state["forward_passes"])
+        self.engine.seed = int(state["seed"])
+        self.engine.eps = float(state.get("eps", self.engine.eps))
+        self.engine.queries = int(state.get("queries", self.engine.queries))
+        for g, lr in zip(self.param_groups, state.get("lr", [])):
+            g["lr"] = lr
+        self._optimizer.load_state_dict(state.get("optimizer", {}))
+        self.method.load_state_dict(state.get("method_state", {}))
+
+    def __repr__(self) -> str:
+        return (f"ZOOptimizer(method={self.config.method!r}, lr={self.param_groups[0]['lr']}, eps={self.engine.eps}, "
+                f"queries={self.engine.queries}, optimizer={self.config.optimizer!r}, seed={self.engine.seed}, "
+                f"trainable={self.num_trainable():,}, step={self.engine.step_count})")
