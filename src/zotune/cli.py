@@ -15,6 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
+
 from .config import TrainConfig
 from .errors import ZOError
 
@@ -49,7 +51,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    summary = train(config_from_args(args))
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise ZOError(f"cannot resume {run_dir}: no config.yaml there (not a run directory)")
+        others = [f.name for f in dataclasses.fields(TrainConfig)
+                  if getattr(args, f.name) is not None and f.name not in ("steps", "progress")]
+        if others or args.config:
+            raise ZOError(f"--resume takes the run's own config.yaml; only --steps and --progress may change "
+                          f"(got --{(others or ['config'])[0].replace('_', '-')})")
+        overrides = {n: getattr(args, n) for n in ("steps", "progress") if getattr(args, n) is not None}
+        cfg = TrainConfig.from_dict({**TrainConfig.from_yaml(run_dir / "config.yaml").to_dict(), **overrides},
+                                    source="command line")
+        if args.steps is not None:  # the run's recorded config follows its new length
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        summary = train(cfg, resume=run_dir)
+    else:
+        summary = train(config_from_args(args))
     print(summary.text())
     return 0
 
@@ -153,6 +171,17 @@ def cmd_snr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import replay_run
+
+    result = replay_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(json.dumps(result, indent=2))
+    if result.get("bit_identical") is False:
+        print("zotune: the replayed tensors differ from the saved adapter", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zotune",
@@ -167,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Settings come from defaults, then --config YAML, then flags.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with _ or -)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run (killed or finished) exactly where it stopped; "
+                                                        "--steps may extend it")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -203,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--out", default="benchmarks/results/fd_snr", help="output folder (default: benchmarks/results/fd_snr)")
     p.set_defaults(func=cmd_snr)
+
+    p = sub.add_parser("replay", help="rebuild a run's adapter from its config and trajectory (bit-exact check)",
+                       description="A run is its trajectory: the initial state plus (step, seed, g, lr) per step "
+                                   "determine the trained tensors. Replays them and compares with the saved adapter.")
+    p.add_argument("run_dir", help="run directory (holds config.yaml and trajectory.jsonl)")
+    p.add_argument("--out", help="where to write the rebuilt adapter (default: RUN_DIR/replayed)")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("models", help="list the named offline models, or prepare (convert) them")
     p.add_argument("--prepare", nargs="+", metavar="NAME", help="convert/prepare these named models now")

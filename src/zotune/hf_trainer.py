@@ -80,8 +80,7 @@ def _refuse(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
                         "(load the model in bf16 yourself if you must, with a larger eps)")
     if args.gradient_checkpointing:
         problems.append("gradient_checkpointing: ZO runs no backward pass, there is nothing to checkpoint")
-    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and \
-            getattr(args, "fsdp", None):
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
         problems.append("DeepSpeed/FSDP: sharded parameters cannot be perturbed in place")
     if args.world_size > 1:
         problems.append(f"world_size={args.world_size}: distributed ZO needs the ranks' losses all-reduced before "

@@ -10,8 +10,10 @@ best-dev adapter when evaluating during training) and ``summary.json``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from .evaluate import Scorer
 from .methods import get_method
 from .models import load_model
 from .optim import make_optimizer
+from .replay import read_trajectory, replay
 from .tasks import Example, TaskData, resolve_task
 
 
@@ -118,7 +121,12 @@ class Summary:
         return "\n".join(lines)
 
 
-def train(cfg: TrainConfig) -> Summary:
+def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
+    """Run (or, with ``resume``, continue) a training run; return its summary.
+
+    Resume replays the run's trajectory onto the freshly prepared model (see
+    :mod:`zotune.replay`), so a run killed at any moment continues bit-identically.
+    """
     t0 = time.time()
     cfg.validate()
     device = pick_device(cfg.device)
@@ -133,9 +141,13 @@ def train(cfg: TrainConfig) -> Summary:
     model, tok, kind = load_model(cfg.model, device=device)
     require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
     say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
-    run_dir = make_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if resume is None:
+        run_dir = make_run_dir(cfg)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    else:
+        run_dir = resume
     method = get_method(cfg.method)(cfg)
+    torch.manual_seed(cfg.seed)  # adapter init (peft draws A from the global RNG) is part of the run
     model = method.prepare(model)
     scorer = Scorer(model, tok, cfg.max_length)
     optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
@@ -144,26 +156,54 @@ def train(cfg: TrainConfig) -> Summary:
     def evaluate(split: list[Example], desc: str) -> float:
         return scorer.accuracy(split, cfg.eval_batch_size, progress=cfg.progress, desc=desc)
 
-    dev_before = evaluate(data.dev, "dev (zero-shot)")
-    say(f"zotune: zero-shot dev accuracy {dev_before:.3f}; training {method.num_trainable():,} params with {cfg.method}")
-    best_acc, best_step = -1.0, 0
-    losses: list[float] = []
-    with open(run_dir / "metrics.jsonl", "w") as metrics, open(run_dir / "trajectory.jsonl", "w") as traj:
+    done = read_trajectory(run_dir / "trajectory.jsonl") if resume else []
+    records = _read_metrics(run_dir / "metrics.jsonl", len(done)) if resume else []
+    replay(engine, done)
+    losses = [r["loss"] for r in records if "loss" in r]
+    evals = {r["step"]: r["dev_acc"] for r in records if "dev_acc" in r}
+    _rewrite(run_dir / "trajectory.jsonl", done)
+    _rewrite(run_dir / "metrics.jsonl", records)
+    if resume:
+        say(f"zotune: resuming {run_dir} at step {engine.step_count} of {cfg.steps}")
+    best_acc, best_step = max(((a, s) for s, a in evals.items() if s > 0), default=(-1.0, 0))
+
+    with open(run_dir / "metrics.jsonl", "a") as metrics, open(run_dir / "trajectory.jsonl", "a") as traj:
         def log(f, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
-        log(metrics, {"step": 0, "dev_acc": dev_before, "forward_passes": 0})
-        steps = range(cfg.steps)
+        def dev_eval(step: int, desc: str) -> float:
+            acc = evaluate(data.dev, desc)
+            log(metrics, {"step": step, "dev_acc": acc, "forward_passes": engine.forward_passes})
+            return acc
+
+        if 0 not in evals:
+            evals[0] = dev_eval(0, "dev (zero-shot)")
+        dev_before = evals[0]
+        say(f"zotune: zero-shot dev accuracy {dev_before:.3f}; training {method.num_trainable():,} params "
+            f"with {cfg.method}")
+
+        def maybe_eval(step: int) -> None:
+            nonlocal best_acc, best_step
+            if cfg.eval_every and step % cfg.eval_every == 0 and 0 < step < cfg.steps and step not in evals:
+                evals[step] = acc = dev_eval(step, f"dev @ step {step}")
+                if acc > best_acc:
+                    best_acc, best_step = acc, step
+                    save_atomically(method, model, run_dir / "best")
+
+        maybe_eval(engine.step_count)  # an evaluation the killed run may not have finished
+        steps = range(engine.step_count, cfg.steps)
         if cfg.progress:
             from tqdm.auto import tqdm
-            steps = tqdm(steps, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+            steps = tqdm(steps, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
+                         initial=engine.step_count, total=cfg.steps)
         for step in steps:
             batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)]
             try:
                 result = engine.step(lambda: scorer.loss(batch), cfg.lr)
             except FloatingPointError as exc:
-                raise ZOError(f"{exc} (batch of step {step}); last good adapter: {run_dir / 'best'}") from None
+                raise ZOError(f"{exc} (batch of step {step}); weights restored; resume or inspect "
+                              f"{run_dir}") from None
             losses.append(result.loss)
             log(traj, {"step": result.step, "seed": cfg.seed, "g": result.grads, "lr": cfg.lr})
             log(metrics, {"step": step + 1, "loss": result.loss, "g": result.grads,
@@ -171,18 +211,12 @@ def train(cfg: TrainConfig) -> Summary:
             if cfg.progress:
                 recent = losses[-20:]
                 steps.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", fwd=engine.forward_passes)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                acc = evaluate(data.dev, f"dev @ step {step + 1}")
-                log(metrics, {"step": step + 1, "dev_acc": acc, "forward_passes": engine.forward_passes})
-                if acc > best_acc:
-                    best_acc, best_step = acc, step + 1
-                    method.save(model, run_dir / "best")
-        dev_after = evaluate(data.dev, "dev (final)")
-        log(metrics, {"step": cfg.steps, "dev_acc": dev_after, "forward_passes": engine.forward_passes})
-    method.save(model, run_dir / "adapter")
+            maybe_eval(step + 1)
+        dev_after = dev_eval(cfg.steps, "dev (final)")
+    save_atomically(method, model, run_dir / "adapter")
     if dev_after >= best_acc:
         best_acc, best_step = dev_after, cfg.steps
-        method.save(model, run_dir / "best")
+        save_atomically(method, model, run_dir / "best")
     test_after = None
     if data.test:
         if best_step != cfg.steps:  # evaluate the best-dev checkpoint on test, as MeZO does
@@ -201,6 +235,42 @@ def train(cfg: TrainConfig) -> Summary:
     )
     (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
     return summary
+
+
+def _read_metrics(path: Path, steps_done: int) -> list[dict]:
+    """Metric records consistent with ``steps_done`` completed steps (torn lines and later records dropped)."""
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if ("loss" in r and r["step"] <= steps_done) or ("dev_acc" in r and r["step"] < steps_done) \
+                    or ("dev_acc" in r and r["step"] == 0):
+                out.append(r)
+    return out
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    """Replace a JSONL file atomically (temporary file, then rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def save_atomically(method, model, path: Path) -> None:
+    """Write into a fresh folder, then swap it in: a kill never leaves a half-written adapter."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    method.save(model, tmp)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def load_trained(model, method, path: Path):
