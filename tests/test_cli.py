@@ -36,7 +36,7 @@ def test_train_writes_a_complete_run_directory_and_a_peft_adapter(tiny_llama, tm
     for name in ("config.yaml", "metrics.jsonl", "trajectory.jsonl", "summary.json", "adapter", "best"):
         assert (out / name).exists(), name
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["steps"] == 6 and config["method"] == "mezo-lora"
+    assert config["steps"] == 6 and config["method"] == "ar1zo"  # the default method
     trajectory = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
     assert [t["step"] for t in trajectory] == list(range(6))
     summary = json.loads((out / "summary.json").read_text())
