@@ -1,4 +1,4 @@
-"""FD-SNR diagnostic: the finite-difference signal of an atom scales with the adapter scale."""
+"""FD-SNR diagnostic and rank sweep: an atom's finite-difference signal scales with the adapter scale."""
 
 from __future__ import annotations
 
@@ -30,3 +30,20 @@ def test_canonical_atom_signal_is_one_over_r_of_topology_signal_at_init(tiny_lla
 def test_slope_fit_recovers_a_power_law():
     xs = [1, 2, 4, 8, 16]
     assert slope(xs, [3.0 * x ** -2 for x in xs]) == pytest.approx(-2.0)
+
+
+def test_rank_sweep_writes_its_table_and_plot(tiny_llama, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import rank_sweep
+
+    rank_sweep.main(["--model", str(tiny_llama), "--task", "rotten-tomatoes", "--ranks", "1,4", "--steps", "2",
+                     "--batch-size", "2", "--train-size", "16", "--dev-size", "4", "--eval-every", "1",
+                     "--out", str(tmp_path)])
+    table = (tmp_path / "rank_sweep.md").read_text()
+    for config in ("mezo-lora", "atom-canonical", "ar1zo"):
+        assert f"| {config} | 1 |" in table and f"| {config} | 4 |" in table
+    assert "| 4 |" in table  # forward passes: 2 steps x 2
+    assert (tmp_path / "rank_sweep.png").stat().st_size > 0

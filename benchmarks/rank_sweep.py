@@ -1,0 +1,129 @@
+"""Rank sweep: MeZO-LoRA vs atomwise-canonical vs AR1-ZO at equal forward-pass budgets.
+
+Every (configuration, rank, seed) trains with the same steps, batch and eps, so
+the same number of forward passes; the table reports final and best dev
+accuracy, the last training loss and the forward passes, and the plot dev
+accuracy against forward passes. With one shared lr this is methods.md's
+"rank sweep with a shared lr"; pass ``--lr-<config>`` to give a configuration
+its own (tuned) lr.
+
+    python benchmarks/rank_sweep.py                         # SST-2, SmolLM2-135M, r in 1,4,16,64 (hours on CPU)
+    python benchmarks/rank_sweep.py --ranks 1,4 --steps 50 --dev-size 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from zotune.config import TrainConfig
+from zotune.train import train
+
+# name -> TrainConfig settings that define the query topology and scaling
+CONFIGS: dict[str, dict] = {
+    "mezo-lora": {"method": "mezo-lora"},  # full-adapter query, alpha/r
+    "atom-canonical": {"method": "ar1zo", "ar1_scaling": "canonical"},  # one atom, alpha/r
+    "ar1zo": {"method": "ar1zo", "ar1_scaling": "topology"},  # one atom, alpha
+}
+
+
+def run_sweep(args) -> list[dict]:
+    rows = []
+    out = Path(args.out)
+    for name in args.configs.split(","):
+        for rank in (int(r) for r in args.ranks.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                lr = getattr(args, f"lr_{name.replace('-', '_')}") or args.lr
+                run_dir = out / "runs" / f"{name}-r{rank}-s{seed}"
+                cfg = TrainConfig(model=args.model, task=args.task, data_dir=args.data_dir, lora_r=rank,
+                                  lora_alpha=args.alpha, lr=lr, eps=args.eps, steps=args.steps,
+                                  batch_size=args.batch_size, train_size=args.train_size, dev_size=args.dev_size,
+                                  eval_every=args.eval_every, seed=seed, output_dir=str(run_dir),
+                                  progress=False, **CONFIGS[name])
+                s = train(cfg)
+                curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                rows.append({"config": name, "rank": rank, "seed": seed, "lr": lr, "dev_before": s.dev_before,
+                             "dev_final": s.dev_after, "dev_best": s.dev_best, "train_loss_last": s.train_loss_last,
+                             "forward_passes": s.forward_passes, "wall_s": s.wall_s,
+                             "curve": [(r["forward_passes"], r["dev_acc"]) for r in curve if "dev_acc" in r]})
+                print(f"{name:15s} r={rank:<3d} seed={seed} dev {s.dev_before:.3f} -> {s.dev_after:.3f} "
+                      f"(best {s.dev_best:.3f}) loss {s.train_loss_last:.4f} fwd {s.forward_passes}", flush=True)
+    return rows
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rank_sweep.json").write_text(json.dumps(rows, indent=2))
+    flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+    with open(out / "rank_sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w.writeheader()
+        w.writerows(flat)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"], r["rank"]), []).append(r)
+
+    def stat(rs, key):
+        xs = [r[key] for r in rs]
+        return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
+
+    lines = [f"# {title}", "", "| config | r | lr | dev before | dev final | dev best | train loss (last 10) | "
+             "forward passes | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for (name, rank), rs in groups.items():
+        lines.append(f"| {name} | {rank} | {rs[0]['lr']:g} | {stat(rs, 'dev_before')} | {stat(rs, 'dev_final')} | "
+                     f"{stat(rs, 'dev_best')} | {stat(rs, 'train_loss_last')} | {rs[0]['forward_passes']} | "
+                     f"{len(rs)} |")
+    (out / "rank_sweep.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], configs):
+        for (cfg, rank), rs in groups.items():
+            if cfg == name:
+                xs = [x for x, _ in rs[0]["curve"]]
+                ys = [statistics.mean(r["curve"][i][1] for r in rs) for i in range(len(xs))]
+                ax.plot(xs, ys, "o-", label=f"r={rank}")
+        ax.set_title(name)
+        ax.set_xlabel("forward passes")
+        ax.legend()
+    axes[0][0].set_ylabel("dev accuracy")
+    fig.tight_layout()
+    fig.savefig(out / "rank_sweep.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--data-dir", default="")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--ranks", default="1,4,16,64")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--train-size", type=int, default=1000)
+    ap.add_argument("--dev-size", type=int, default=500)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--alpha", type=float, default=2.0, help="alpha: scale alpha/r (canonical) or alpha (ar1zo)")
+    ap.add_argument("--lr", type=float, default=1.5e-2, help="shared lr")
+    for name in CONFIGS:
+        ap.add_argument(f"--lr-{name}", type=float, default=None, help=f"lr for {name} (default: --lr)")
+    ap.add_argument("--eps", type=float, default=1e-2)
+    ap.add_argument("--out", default="benchmarks/results/rank_sweep")
+    args = ap.parse_args(argv)
+    rows = run_sweep(args)
+    write_outputs(rows, Path(args.out), f"Rank sweep: {args.task}, {args.model}, {args.steps} steps x batch "
+                                        f"{args.batch_size}, eps {args.eps}, alpha {args.alpha}")
+    print(f"written to {args.out}/rank_sweep.{{md,csv,json,png}}")
+
+
+if __name__ == "__main__":
+    main()
