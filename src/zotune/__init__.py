@@ -2,7 +2,7 @@
 
 From your own code::
 
-    opt = zotune.ZOOptimizer(model, method="ar1zo", lr=2e-2, eps=1e-2, lora_r=8, lora_alpha=2)
+    opt = zotune.ZOOptimizer(model, method="ar1zo", lr=1.5e-2, eps=1e-2, lora_r=8, lora_alpha=2)
     loss = opt.step(lambda: loss_fn(opt.model, batch))   # two forward passes, no backward
 
 ``help(zotune.ZOOptimizer)`` teaches the API; ``zotune.hf_trainer.ZOTrainer``

@@ -92,16 +92,6 @@ class ParamsMethod(Method):
             raise ZOError("method 'params': params is empty")
         return model
 
-    def save(self, model: nn.Module, path: Path) -> None:
-        """``save_pretrained`` when the model has it (a peft adapter, an HF model), else the tensors as safetensors."""
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(path)
-            return
-        from safetensors.torch import save_file
-
-        Path(path).mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(Path(path) / "params.safetensors"))
-
 
 def prepare_seeded(method: Method, model: nn.Module, seed: int) -> nn.Module:
     """``method.prepare(model)`` with torch's global RNG seeded by ``seed`` (peft draws LoRA's A from it).
@@ -114,8 +104,12 @@ def prepare_seeded(method: Method, model: nn.Module, seed: int) -> nn.Module:
         return method.prepare(model)
 
 
-def _config(method: str, lr: float, eps: float, queries: int, optimizer: str, seed: int,
+def _config(method: str, lr: float | None, eps: float | None, queries: int, optimizer: str, seed: int,
             settings: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig ``zotune train`` would resolve for these settings (its defaults where None)."""
+    defaults = TrainConfig()
+    lr = defaults.lr if lr is None else lr
+    eps = defaults.eps if eps is None else eps
     if "rank" in settings:  # the issue's spelling; TrainConfig calls it lora_r
         if "lora_r" in settings:
             raise ZOError("give the LoRA rank once: rank= or lora_r=, not both")
@@ -147,7 +141,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         from zotune.tasks import load_task
 
         model, tok, _ = load_model("smollm2-135m")
-        opt = zotune.ZOOptimizer(model, method="ar1zo", lr=2e-2, eps=1e-2, lora_r=8, lora_alpha=2)
+        opt = zotune.ZOOptimizer(model, method="ar1zo", lr=1.5e-2, eps=1e-2, lora_r=8, lora_alpha=2)
         model = opt.model                       # LoRA-type methods wrap the model with peft
         scorer = Scorer(model, tok)
         train = load_task("rotten-tomatoes").train[:512]
@@ -158,6 +152,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     Your own model, your own loss::
 
         net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        x, y = torch.randn(256, 8), torch.randn(256, 1)
         opt = zotune.ZOOptimizer(net, method="mezo", lr=1e-2, eps=1e-3)
         loss = opt.step(lambda: torch.nn.functional.mse_loss(net(x), y))
 
@@ -171,6 +166,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         opt.step(lambda: 1.0 - accuracy(model, batch))
 
+    In a transformers ``Trainer``: :class:`zotune.hf_trainer.ZOTrainer`.
+
     Learning-rate schedules: ``opt.param_groups[0]["lr"]`` is the lr of the next
     step, so any ``torch.optim.lr_scheduler`` works with ``opt``.
 
@@ -180,9 +177,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             parameter), ``"mezo-lora"`` (attach peft LoRA, perturb all of A and B),
             ``"ar1zo"`` (attach LoRA, perturb one rank-1 atom per layer per step), or
             ``"params"`` (your own tensors, see ``params``).
-        lr: learning rate (the CLI default, tuned for LoRA-type methods;
-            full-parameter MeZO wants ~1e-6 to 1e-7 on real LMs).
-        eps: perturbation size ε.
+        lr: learning rate; None takes ``zotune train``'s default (tuned for AR1-ZO;
+            MeZO-LoRA wants ~3e-3, full-parameter MeZO ~1e-6 on real LMs).
+        eps: perturbation size ε; None takes ``zotune train``'s default.
         queries: directions per step; each costs two forward passes.
         optimizer: how the slopes become updates: ``"sgd"``, ``"momentum"`` or ``"adam"``
             (their state lives in the queried space).
@@ -209,8 +206,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     optimizer's and the method's state.
     """
 
-    def __init__(self, model: nn.Module, method: str, *, lr: float = 2e-3, eps: float = 1e-2, queries: int = 1,
-                 optimizer: str = "sgd", seed: int = 0, params: ParamsSpec = None, **settings: Any):
+    def __init__(self, model: nn.Module, method: str, *, lr: float | None = None, eps: float | None = None,
+                 queries: int = 1, optimizer: str = "sgd", seed: int = 0, params: ParamsSpec = None,
+                 **settings: Any):
         if not isinstance(model, nn.Module):
             raise ZOError(f"ZOOptimizer needs the model (an nn.Module), got {type(model).__name__}; "
                           "unlike torch.optim it chooses the trainable tensors itself (method=...)")
@@ -261,8 +259,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.method.num_trainable()
 
     def save(self, path: str | Path) -> None:
-        """Write what was trained, as ``zotune train`` does (a PEFT adapter folder for LoRA-type methods)."""
-        self.method.save(self.model, Path(path))
+        """Write what was trained, as ``zotune train`` does: a PEFT adapter folder for LoRA-type methods,
+        ``save_pretrained`` for other Hugging Face models, else ``params.safetensors`` (the trainable tensors)."""
+        path = Path(path)
+        if hasattr(self.model, "save_pretrained"):
+            self.method.save(self.model, path)
+            return
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in self.method.params.items()}, str(path / "params.safetensors"))
 
     # -- resume --------------------------------------------------------------------------
     def state_dict(self, params: bool = True) -> dict[str, Any]:  # type: ignore[override]
@@ -287,6 +293,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Restore a :meth:`state_dict`: the next step is the one the saved optimizer would have taken."""
         if state.get("method") != self.config.method:
             raise ZOError(f"state is for method {state.get('method')!r}, this optimizer runs {self.config.method!r}")
+        if int(state["seed"]) != self.engine.seed:  # the seed also shaped prepare() (AR1's atom offsets, ...)
+            raise ZOError(f"state was saved with seed {state['seed']}; build the optimizer with "
+                          f"seed={state['seed']} (this one has seed={self.engine.seed})")
         if "params" in state:
             saved, ours = state["params"], self.method.params
             if set(saved) != set(ours):
@@ -299,7 +308,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                     p.copy_(saved[n])
         self.engine.step_count = int(state["step"])
         self.engine.forward_passes = int(state["forward_passes"])
-        self.engine.seed = int(state["seed"])
         self.engine.eps = float(state.get("eps", self.engine.eps))
         self.engine.queries = int(state.get("queries", self.engine.queries))
         for g, lr in zip(self.param_groups, state.get("lr", [])):

@@ -103,7 +103,7 @@ class ZOTrainer(Trainer):
         from transformers import TrainingArguments
         from zotune.hf_trainer import ZOTrainer
 
-        args = TrainingArguments("out", max_steps=200, per_device_train_batch_size=16, learning_rate=2e-2,
+        args = TrainingArguments("out", max_steps=200, per_device_train_batch_size=16, learning_rate=1.5e-2,
                                  lr_scheduler_type="constant", save_steps=100, logging_steps=10, report_to=[])
         trainer = ZOTrainer(model, args, train_dataset=train, data_collator=collate,
                             zo={"method": "ar1zo", "eps": 1e-2, "lora_r": 8, "lora_alpha": 2})
