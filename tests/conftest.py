@@ -6,7 +6,6 @@ of quality. The few tests that need a real model use SmolLM2-135M.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -98,5 +97,6 @@ def synthetic_examples(n: int, seed: int = 0) -> list[Example]:
 
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
+    """One thread: tiny models gain nothing from two, and OpenMP spin-waits on a busy 2-core machine."""
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)

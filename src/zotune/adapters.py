@@ -69,7 +69,7 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | 
         bias="none",
         init_lora_weights=init_lora_weights,
         use_rslora=use_rslora,
-        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+        fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", "") == "gpt2",
     )
     return get_peft_model(model, config)
 

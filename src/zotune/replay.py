@@ -63,7 +63,7 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
     from safetensors.torch import load_file
 
     from .config import TrainConfig
-    from .methods import get_method
+    from .methods import get_method, prepare_seeded
     from .models import load_model
     from .optim import make_optimizer
     from .train import save_atomically
@@ -75,8 +75,7 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
     rows = read_trajectory(run_dir / "trajectory.jsonl")
     model, _, _ = load_model(cfg.model)
     method = get_method(cfg.method)(cfg)
-    torch.manual_seed(cfg.seed)
-    model = method.prepare(model)
+    model = prepare_seeded(method, model, cfg.seed)
     optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
     engine = ZOEngine(method, optimizer, cfg.eps, cfg.queries, cfg.seed)
     replay(engine, rows)

@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .engine import ZOEngine
 from .errors import ZOError, require
 from .evaluate import Scorer
-from .methods import get_method
+from .methods import get_method, prepare_seeded
 from .models import load_model
 from .optim import make_optimizer
 from .replay import read_trajectory, replay
@@ -147,8 +147,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     else:
         run_dir = resume
     method = get_method(cfg.method)(cfg)
-    torch.manual_seed(cfg.seed)  # adapter init (peft draws A from the global RNG) is part of the run
-    model = method.prepare(model)
+    model = prepare_seeded(method, model, cfg.seed)  # the adapter's init is part of the run
     scorer = Scorer(model, tok, cfg.max_length)
     optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
     engine = ZOEngine(method, optimizer, cfg.eps, cfg.queries, cfg.seed)

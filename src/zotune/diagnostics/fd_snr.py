@@ -37,7 +37,7 @@ import torch
 from ..config import TrainConfig
 from ..engine import QueryKey
 from ..evaluate import Scorer
-from ..methods import get_method
+from ..methods import get_method, prepare_seeded
 from ..models import load_model
 from ..tasks import resolve_task
 from ..train import batch_indices
@@ -112,8 +112,7 @@ def measure(cfg: SNRConfig, progress: bool = True) -> list[dict]:
         tc = TrainConfig(method=method_name, lora_r=r, lora_alpha=cfg.lora_alpha, ar1_scaling=scaling,
                          seed=cfg.seed)
         method = get_method(method_name)(tc)
-        torch.manual_seed(cfg.seed)  # the same A at every rank's points, whatever the scaling
-        model = method.prepare(model)
+        model = prepare_seeded(method, model, cfg.seed)  # the same A at every rank, whatever the scaling
         if point == "warm":
             _warm_start(method, model, cfg.warm_norm, cfg.seed)
         scorer = Scorer(model, tok)

@@ -91,3 +91,14 @@ class Method:
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def prepare_seeded(method: Method, model: nn.Module, seed: int) -> nn.Module:
+    """``method.prepare(model)`` with torch's global RNG seeded by ``seed`` (peft draws LoRA's A from it).
+
+    The initial adapter is then a function of the run seed, and the caller's
+    global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        return method.prepare(model)
