@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ZOError
 from .base import Method, register
 
 
@@ -19,8 +20,17 @@ class MeZO(Method):
     is_adapter = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        """All weights, or with ``--target-modules`` only those whose name contains one of them.
+
+        A subset such as ``norm`` (LayerNorm/RMSNorm tuning) is a much smaller
+        query space, which ZO explores in far fewer steps.
+        """
+        targets = self.cfg.target_modules if self.cfg is not None else []
         self.params = {}
         for n, p in model.named_parameters():  # tied weights appear once
             p.requires_grad_(False)  # ZO needs no autograd graph
-            self.params[n] = p
+            if not targets or any(t in n for t in targets):
+                self.params[n] = p
+        if not self.params:
+            raise ZOError(f"no parameter name contains any of {', '.join(targets)}")
         return model
