@@ -37,7 +37,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper().split("_")[0],
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
+            metavar={bool: "BOOL", int: "N", float: "X", list: "A,B"}.get(type(default), "TEXT"),
             help=f"{f.metadata['help']} (default: {shown if shown not in ('', []) else 'none'})",
         )
 

@@ -30,7 +30,7 @@ class TrainConfig:
     # what to train
     model: str = _f("smollm2-135m", "named offline model (see `zotune models`) or a local Hugging Face folder")
     task: str = _f("rotten-tomatoes", "task name (see `zotune tasks`) or a YAML task file (your own data)")
-    data_dir: str = _f("", "folder with the benchmark data files (default: $ZOTUNE_DATA or ../shared/data)")
+    data_dir: str = _f("", "folder with the benchmark data files; empty: $ZOTUNE_DATA, else ../shared/data")
     train_file: str = _f("", "your own training data: a .jsonl, .csv or .tsv file (replaces --task)")
     dev_file: str = _f("", "your own dev data (same format)")
     test_file: str = _f("", "your own test data (same format)")
@@ -54,7 +54,9 @@ class TrainConfig:
     lora_r: int = _f(8, "LoRA rank r")
     lora_alpha: float = _f(0.0, "LoRA alpha; 0 = the method's default: 16 for mezo-lora (MeZO's; scale 16/r), "
                                 "2 for ar1zo (scale 2 at every rank, which is mezo-lora's 16/8 at r=8)")
-    target_modules: list = _f([], "modules to adapt (default: per architecture, e.g. q_proj,v_proj)")
+    target_modules: list = _f([], "what to adapt; empty: the method's default. LoRA methods: module names "
+                                  "(default per architecture, e.g. q_proj,v_proj); mezo: parameter-name "
+                                  "substrings; mezo-ln: norm module names (default: every norm)")
     # AR1-ZO
     ar1_scaling: str = _f("topology", "AR1-ZO scale: topology (lora_alpha = alpha*r, scale alpha) | canonical (alpha/r) | rslora (alpha/sqrt r)")
     ar1_schedule: str = _f("cyclic", "AR1-ZO atom order: cyclic (k = step mod r) | random")
@@ -68,7 +70,7 @@ class TrainConfig:
     max_length: int = _f(256, "maximum prompt length in tokens (longer prompts keep their end)")
     # bookkeeping
     seed: int = _f(0, "run seed: data order, sampled splits and every direction derive from it")
-    output_dir: str = _f("", "run directory (default: runs/<task>-<method>-<time>)")
+    output_dir: str = _f("", "run directory; empty: runs/<task>-<method>-<time>")
     device: str = _f("auto", "cpu | cuda | auto")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     progress: bool = _f(True, "show progress bars")
