@@ -95,6 +95,25 @@ def synthetic_examples(n: int, seed: int = 0) -> list[Example]:
     return out
 
 
+PROBE_IDS = torch.tensor([[2, 7, 8, 11, 12, 9]])
+
+
+def assert_peft_round_trip(model, base_dir: Path, adapter_dir: Path) -> torch.Tensor:
+    """The adapter in ``adapter_dir`` loads with plain peft onto the base model, reproduces ``model``'s
+    logits exactly, and merges (``merge_and_unload``) to the same logits; returns those logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        ours = model(input_ids=PROBE_IDS).logits
+        theirs = reloaded(input_ids=PROBE_IDS).logits
+        merged = reloaded.merge_and_unload()(input_ids=PROBE_IDS).logits
+    assert torch.equal(ours, theirs)
+    assert torch.allclose(ours, merged, atol=1e-5)
+    return ours
+
+
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     """One thread: tiny models gain nothing from two, and OpenMP spin-waits on a busy 2-core machine."""

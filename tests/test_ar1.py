@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import synthetic_examples
+from conftest import assert_peft_round_trip, synthetic_examples
 from zotune.config import TrainConfig
 from zotune.engine import ZOEngine
 from zotune.evaluate import Scorer
@@ -94,21 +94,11 @@ def test_query_work_per_layer_is_d_out_plus_d_in(tiny_llama):
 def test_saved_adapter_is_standard_peft_with_lora_alpha_gamma(tiny_llama, tmp_path):
     import json
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     model, tok, method = ar1(tiny_llama, lora_r=4, lora_alpha=2)
     method.save(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8  # gamma = alpha * r
-    ids = torch.tensor([[2, 7, 8, 11, 12, 9]])
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "adapter")
-    with torch.no_grad():
-        ours = model(input_ids=ids).logits
-        theirs = reloaded(input_ids=ids).logits
-        merged = reloaded.merge_and_unload()(input_ids=ids).logits
-    assert torch.equal(ours, theirs)
-    assert torch.allclose(ours, merged, atol=1e-5)
+    assert_peft_round_trip(model, tiny_llama, tmp_path / "adapter")
 
 
 def test_ar1_lowers_the_loss_of_a_tiny_language_model(tiny_llama):
