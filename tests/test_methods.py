@@ -89,9 +89,15 @@ def test_restricted_candidate_logits_rank_and_loss_like_full_vocabulary_logits(t
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
 def test_mezo_ln_trains_only_norm_gains_and_saves_a_standard_peft_adapter(tiny_models, arch, tmp_path):
+    from zotune.methods.ln import final_norm_name
+
     model, tok, _ = load_model(str(tiny_models[arch]))
     n_norm = sum(p.numel() for n, m in model.named_modules() if "Norm" in type(m).__name__ for p in m.parameters())
-    method = get_method("mezo-ln")(TrainConfig(method="mezo-ln"))
+    assert final_norm_name(model) == {"llama": "norm", "opt": "final_layer_norm", "gpt2": "ln_f"}[arch]
+    default = get_method("mezo-ln")(TrainConfig(method="mezo-ln"))
+    default.prepare(load_model(str(tiny_models[arch]))[0])
+    assert all(final_norm_name(model) + ".ln_tuning_layers" in n for n in default.params)  # default: the final norm
+    method = get_method("mezo-ln")(TrainConfig(method="mezo-ln", target_modules=["all"]))
     model = method.prepare(model)
     assert method.num_trainable() == n_norm and not any(method.decays(n) for n in method.params)
     scorer, batch = Scorer(model, tok), synthetic_examples(8)

@@ -107,8 +107,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             parameter), ``"mezo-lora"`` (attach peft LoRA, perturb all of A and B),
             ``"ar1zo"`` (attach LoRA, perturb one rank-1 atom per layer per step), or
             ``"params"`` (your own tensors, see ``params``).
-        lr: learning rate; None takes ``zotune train``'s default (tuned for AR1-ZO;
-            MeZO-LoRA wants ~3e-3, full-parameter MeZO ~1e-6 on real LMs).
+        lr: learning rate; None takes ``zotune train``'s default (1e-2, tuned for mezo-ln;
+            on SmolLM2 AR1-ZO was stable at 1.5e-2, MeZO-LoRA at 3e-3; full-parameter MeZO
+            wants ~1e-6 on real LMs).
         eps: perturbation size ε; None takes ``zotune train``'s default.
         queries: directions per step; each costs two forward passes.
         optimizer: how the slopes become updates: ``"sgd"``, ``"momentum"`` or ``"adam"``

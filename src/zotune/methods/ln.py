@@ -1,10 +1,12 @@
 """MeZO-LN: MeZO over the normalization gains only (peft LN-tuning), the smallest useful query space.
 
-LayerNorm/RMSNorm gains are ~0.03% of a transformer's weights (35k of SmolLM2's
-135M), yet rescaling features at every layer moves a prompt's candidate scores
-a long way. ZO's noise grows with the query dimension, so this space learns in
-tens of steps where a LoRA space needs hundreds: on SmolLM2-135M it is the
-default job's method, the one that shows a real gain within minutes on a CPU.
+By default only the final norm before the LM head is trained (576 gains on
+SmolLM2-135M): rescaling the last features re-weights what the verbalizer
+rows read, a linear re-weighting of the model's own features. ZO's noise grows
+with the query dimension, so this tiny space learns steadily within a few
+hundred steps on a CPU, where LoRA spaces (~50k-500k per query) need thousands;
+it is the default job's method. ``--target-modules all`` trains every norm
+(35k gains on SmolLM2), or name the norm modules.
 The adapter is upstream peft's LN-tuning adapter (a trained copy of each norm),
 so ``PeftModel.from_pretrained`` loads it and ``merge_and_unload`` merges it.
 """
@@ -19,9 +21,24 @@ from ..errors import ZOError
 from .base import Method, register
 
 
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_norm")  # Llama/Qwen, OPT, GPT-2, others
+
+
 def norm_module_names(model: nn.Module) -> list[str]:
     """Last name component of every normalization module (LayerNorm, RMSNorm, ...)."""
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and "Norm" in type(m).__name__})
+
+
+def final_norm_name(model: nn.Module) -> str:
+    """The norm right before the LM head: by its usual names, else the last norm registered."""
+    available = norm_module_names(model)
+    for name in FINAL_NORM_NAMES:
+        if name in available:
+            return name
+    norms = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and "Norm" in type(m).__name__]
+    if not norms:
+        raise ZOError("this model has no normalization module for mezo-ln")
+    return norms[-1]
 
 
 @register
@@ -32,7 +49,8 @@ class MeZOLN(Method):
         from peft import LNTuningConfig, get_peft_model
 
         available = norm_module_names(model)
-        targets = list(self.cfg.target_modules) if self.cfg.target_modules else available
+        requested = list(self.cfg.target_modules)
+        targets = available if requested == ["all"] else requested or [final_norm_name(model)]
         missing = [t for t in targets if t not in available]
         if not targets or missing:
             raise ZOError(f"no normalization module named {', '.join(missing) or '(any)'}; "
