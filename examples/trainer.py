@@ -13,7 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from zotune.evaluate import Scorer
-from zotune.hf_trainer import ZOTrainer
+from zotune.hf_trainer import ZOTrainer, answer_collator
 from zotune.models import load_model
 from zotune.tasks import load_task
 
@@ -29,18 +29,7 @@ data = load_task("rotten-tomatoes").subsample(seed=0, train=1000, dev=args.dev_s
 model, tok, _ = load_model(args.model)
 
 
-def collate(examples):
-    """Prompt + gold answer word; only the answer's tokens are labelled (-100 elsewhere)."""
-    rows = []
-    for e in examples:
-        prompt = tok(e.prompt).input_ids
-        answer = tok(e.candidates[e.label], add_special_tokens=False).input_ids
-        rows.append((prompt + answer, [-100] * len(prompt) + answer))
-    width = max(len(ids) for ids, _ in rows)
-    pad = lambda xs, v: xs + [v] * (width - len(xs))
-    return {"input_ids": torch.tensor([pad(ids, tok.pad_token_id) for ids, _ in rows]),
-            "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),
-            "labels": torch.tensor([pad(labels, -100) for _, labels in rows])}
+collate = answer_collator(tok)  # prompt + gold answer word, only the answer labelled
 
 
 training_args = TrainingArguments(

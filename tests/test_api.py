@@ -18,6 +18,7 @@ from conftest import synthetic_examples
 from zotune.cli import main
 from zotune.config import TrainConfig
 from zotune.errors import ZOError
+from zotune.hf_trainer import answer_collator as collate_with
 from zotune.evaluate import Scorer
 from zotune.models import load_model
 from zotune.train import batch_indices, task_data
@@ -46,20 +47,6 @@ def values(opt) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in opt.method.params.items()}
 
 
-def collate_with(tok):
-    """A tiny causal-LM collator: prompt + gold answer, only the answer labelled."""
-    def collate(examples):
-        rows = []
-        for e in examples:
-            prompt = tok(e.prompt).input_ids
-            answer = tok(e.candidates[e.label], add_special_tokens=False).input_ids
-            rows.append((prompt + answer, [-100] * len(prompt) + answer))
-        width = max(len(ids) for ids, _ in rows)
-        pad = lambda xs, v: xs + [v] * (width - len(xs))
-        return {"input_ids": torch.tensor([pad(ids, tok.pad_token_id) for ids, _ in rows]),
-                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),
-                "labels": torch.tensor([pad(labels, -100) for _, labels in rows])}
-    return collate
 
 
 # -- the API is the CLI ------------------------------------------------------------------------

@@ -46,6 +46,23 @@ __all__ = ["ZOTrainer"]
 logger = logging.getLogger(__name__)
 
 
+def answer_collator(tokenizer):
+    """A causal-LM collator for zotune :class:`~zotune.tasks.Example` lists: prompt + gold answer,
+    right-padded, with only the answer's tokens labelled (-100 elsewhere), as ``compute_loss`` expects."""
+    def collate(examples) -> dict[str, torch.Tensor]:
+        rows = []
+        for e in examples:
+            prompt = tokenizer(e.prompt).input_ids
+            answer = tokenizer(e.candidates[e.label], add_special_tokens=False).input_ids
+            rows.append((prompt + answer, [-100] * len(prompt) + answer))
+        width = max(len(ids) for ids, _ in rows)
+        pad = lambda xs, v: xs + [v] * (width - len(xs))
+        return {"input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in rows]),
+                "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),
+                "labels": torch.tensor([pad(labels, -100) for _, labels in rows])}
+    return collate
+
+
 class _ZOHandle(torch.optim.Optimizer):
     """What the Trainer sees as its optimizer: the ZO optimizer's lr and state, a no-op ``step``."""
 
