@@ -116,6 +116,11 @@ def assert_peft_round_trip(model, base_dir: Path, adapter_dir: Path) -> torch.Te
 
 @pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
-    """One thread: tiny models gain nothing from two, and OpenMP spin-waits on a busy 2-core machine."""
+    """One thread: tiny models gain nothing from two, and OpenMP spin-waits on a busy 2-core machine.
+
+    The global RNG (peft's LoRA init draws from it) is reseeded for every test,
+    so no test's outcome depends on which tests ran before it.
+    """
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
+    torch.manual_seed(0)

@@ -101,16 +101,16 @@ def test_zo_sgd_lowers_a_quadratic_loss():
 
 
 def test_zo_sgd_lowers_the_loss_of_a_tiny_language_model(tiny_llama):
-    """A real learning signal: MeZO-LoRA on a random tiny Llama learns a synthetic sentiment rule."""
-    model, tok, method = prepared("mezo-lora", tiny_llama, lora_r=4, lora_alpha=8)
+    """A real learning signal: MeZO on a random tiny Llama learns a synthetic sentiment rule."""
+    model, tok, method = prepared("mezo", tiny_llama)
     scorer = Scorer(model, tok)
     train = synthetic_examples(64, seed=1)
-    engine = ZOEngine(method, ZOSGD(), eps=1e-2, seed=0)
+    engine = ZOEngine(method, ZOSGD(), eps=1e-3, seed=0)
     start = scorer.loss(train)
     for step in range(150):
         batch = train[(step * 16) % 64 : (step * 16) % 64 + 16]
-        engine.step(lambda: scorer.loss(batch), lr=0.5)
-    assert scorer.loss(train) < 0.8 * start
+        engine.step(lambda: scorer.loss(batch), lr=3e-3)
+    assert scorer.loss(train) < 0.7 * start  # measured: 0.704 -> 0.355
 
 
 def test_momentum_and_adam_state_lives_in_the_trainable_space(tiny_llama):
