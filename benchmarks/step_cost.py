@@ -30,7 +30,7 @@ from zotune.methods import get_method
 from zotune.models import load_model
 from zotune.optim import make_optimizer
 from zotune.tasks import load_task
-from zotune.train import batch_indices, peak_memory_mb
+from zotune.train import batch_indices
 
 
 def setup(model_name: str, method_name: str, batch_size: int):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -25,8 +25,8 @@ from .config import TrainConfig
 from .engine import StepResult, ZOEngine
 from .errors import ZOError
 from .methods import get_method
-from .methods.base import Method, prepare_seeded
-from .methods.params import ParamsMethod
+from .methods.base import prepare_seeded
+from .methods.params import ParamsMethod, ParamsSpec
 from .optim import make_optimizer
 
 __all__ = ["ZOOptimizer", "ParamsMethod"]
