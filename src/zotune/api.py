@@ -22,12 +22,11 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .engine import StepResult, ZOEngine
+from .engine import StepResult
 from .errors import ZOError
 from .methods import get_method
-from .methods.base import prepare_seeded
 from .methods.params import ParamsMethod, ParamsSpec
-from .optim import make_optimizer
+from .train import build_engine
 
 __all__ = ["ZOOptimizer", "ParamsMethod"]
 
@@ -148,10 +147,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.config = cfg = _config(method, lr, eps, queries, optimizer, seed, dict(settings))
         cls = get_method(method)
         self.method = cls(cfg, params=params) if cls is ParamsMethod else cls(cfg)
-        self.model = prepare_seeded(self.method, model, seed)
-        self._optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum,
-                                         tuple(float(b) for b in cfg.betas))
-        self.engine = ZOEngine(self.method, self._optimizer, cfg.eps, cfg.queries, cfg.seed)
+        self.model, self.engine = build_engine(cfg, model, self.method)
+        self._optimizer = self.engine.optimizer
         self.last: StepResult | None = None
         super().__init__(list(self.method.params.values()), {"lr": cfg.lr})
 

@@ -63,21 +63,16 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
     from safetensors.torch import load_file
 
     from .config import TrainConfig
-    from .methods import get_method, prepare_seeded
     from .models import load_model
-    from .optim import make_optimizer
-    from .train import save_atomically
+    from .train import build_engine, save_atomically
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ZOError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
     rows = read_trajectory(run_dir / "trajectory.jsonl")
-    model, _, _ = load_model(cfg.model)
-    method = get_method(cfg.method)(cfg)
-    model = prepare_seeded(method, model, cfg.seed)
-    optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
-    engine = ZOEngine(method, optimizer, cfg.eps, cfg.queries, cfg.seed)
+    model, engine = build_engine(cfg, load_model(cfg.model)[0])
+    method = engine.method
     replay(engine, rows)
     out = Path(out) if out else run_dir / "replayed"
     save_atomically(method, model, out)

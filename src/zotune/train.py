@@ -60,6 +60,19 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
+def build_engine(cfg: TrainConfig, model, method=None):
+    """Prepare ``model`` for ``cfg``'s method (seeded adapter init) and build its ZO engine.
+
+    The one place a config becomes (model, engine): ``zotune train``, ``zotune replay``
+    and :class:`zotune.ZOOptimizer` all call it, so they build the same run.
+    Returns ``(prepared model, engine)``; the method is ``engine.method``.
+    """
+    method = method or get_method(cfg.method)(cfg)
+    model = prepare_seeded(method, model, cfg.seed)  # the adapter's init is part of the run
+    optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
+    return model, ZOEngine(method, optimizer, cfg.eps, cfg.queries, cfg.seed)
+
+
 def task_data(cfg: TrainConfig) -> TaskData:
     """The run's data: the user's files, a YAML task file, or a named task."""
     return resolve_task(cfg.task, Path(cfg.data_dir) if cfg.data_dir else None, cfg.train_file, cfg.dev_file,
@@ -146,11 +159,9 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
         run_dir = resume
-    method = get_method(cfg.method)(cfg)
-    model = prepare_seeded(method, model, cfg.seed)  # the adapter's init is part of the run
+    model, engine = build_engine(cfg, model)
+    method = engine.method
     scorer = Scorer(model, tok, cfg.max_length)
-    optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
-    engine = ZOEngine(method, optimizer, cfg.eps, cfg.queries, cfg.seed)
 
     def evaluate(split: list[Example], desc: str) -> float:
         return scorer.accuracy(split, cfg.eval_batch_size, progress=cfg.progress, desc=desc)
