@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 
 from zotune.config import TrainConfig
+from zotune.errors import ZOError
 from zotune.train import train
 
 # name -> TrainConfig settings that define the query topology and scaling
@@ -42,8 +43,16 @@ def run_sweep(args) -> list[dict]:
                                   lora_alpha=args.alpha, lr=lr, eps=args.eps, steps=args.steps,
                                   batch_size=args.batch_size, train_size=args.train_size, dev_size=args.dev_size,
                                   eval_every=args.eval_every, seed=seed, output_dir=str(run_dir),
-                                  progress=False, **CONFIGS[name])
-                s = train(cfg)
+                                  threads=args.threads, progress=False, **CONFIGS[name])
+                try:
+                    s = train(cfg)
+                except ZOError as exc:  # a diverged run is a result, not a crash of the sweep
+                    print(f"{name:15s} r={rank:<3d} seed={seed} FAILED: {exc}", flush=True)
+                    rows.append({"config": name, "rank": rank, "seed": seed, "lr": lr, "dev_before": float("nan"),
+                                 "dev_final": float("nan"), "dev_best": float("nan"),
+                                 "train_loss_last": float("nan"), "forward_passes": 0, "wall_s": 0.0,
+                                 "curve": [], "error": str(exc)})
+                    continue
                 curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 rows.append({"config": name, "rank": rank, "seed": seed, "lr": lr, "dev_before": s.dev_before,
                              "dev_final": s.dev_after, "dev_best": s.dev_best, "train_loss_last": s.train_loss_last,
@@ -59,7 +68,7 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> None:
     (out / "rank_sweep.json").write_text(json.dumps(rows, indent=2))
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     with open(out / "rank_sweep.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
         w.writeheader()
         w.writerows(flat)
     groups: dict[tuple, list[dict]] = {}
@@ -87,7 +96,7 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4), squeeze=False, sharey=True)
     for ax, name in zip(axes[0], configs):
         for (cfg, rank), rs in groups.items():
-            if cfg == name:
+            if cfg == name and rs[0]["curve"]:
                 xs = [x for x, _ in rs[0]["curve"]]
                 ys = [statistics.mean(r["curve"][i][1] for r in rs) for i in range(len(xs))]
                 ax.plot(xs, ys, "o-", label=f"r={rank}")
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in CONFIGS:
         ap.add_argument(f"--lr-{name}", type=float, default=None, help=f"lr for {name} (default: --lr)")
     ap.add_argument("--eps", type=float, default=1e-2)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/results/rank_sweep")
     args = ap.parse_args(argv)
     rows = run_sweep(args)

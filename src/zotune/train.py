@@ -23,12 +23,10 @@ import torch
 import yaml
 
 from .config import TrainConfig
-from .engine import ZOEngine
 from .errors import ZOError, require
 from .evaluate import Scorer
 from .methods import get_method, prepare_seeded
 from .models import load_model
-from .optim import make_optimizer
 from .replay import read_trajectory, replay
 from .tasks import Example, TaskData, resolve_task
 
@@ -69,8 +67,7 @@ def build_engine(cfg: TrainConfig, model, method=None):
     """
     method = method or get_method(cfg.method)(cfg)
     model = prepare_seeded(method, model, cfg.seed)  # the adapter's init is part of the run
-    optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
-    return model, ZOEngine(method, optimizer, cfg.eps, cfg.queries, cfg.seed)
+    return model, method.build_engine(cfg)
 
 
 def task_data(cfg: TrainConfig) -> TaskData:

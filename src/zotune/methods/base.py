@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..engine import QueryKey, gaussian_like, tensor_seed
+from ..engine import QueryKey, ZOEngine, gaussian_like, tensor_seed
 from ..errors import ZOError
 
 METHODS: dict[str, type["Method"]] = {}
@@ -79,6 +79,19 @@ class Method:
     def save(self, model: nn.Module, path: Path) -> None:
         """Write what was trained: a PEFT adapter folder, or the full model for base-weight methods."""
         model.save_pretrained(path)
+
+    def build_engine(self, cfg: Any) -> ZOEngine:
+        """The engine that runs this method's steps: a :class:`ZOEngine` with the configured optimizer.
+
+        Override it for a method with its own update rule (e.g. momentum kept in a
+        factor space) or with no ZO step at all (first-order LoRA): the recipe only
+        needs an object with ``step(loss_fn, lr) -> StepResult``, ``step_count``
+        and ``forward_passes``.
+        """
+        from ..optim import make_optimizer
+
+        optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
+        return ZOEngine(self, optimizer, cfg.eps, cfg.queries, cfg.seed)
 
     def state_dict(self) -> dict:
         """Method state needed to resume exactly (schedules, bases, ...); none by default."""
