@@ -21,7 +21,7 @@ from pathlib import Path
 
 from zotune.config import TrainConfig
 from zotune.errors import ZOError
-from zotune.train import train
+from zotune.train import Summary, train
 
 # name -> TrainConfig settings that define the query topology and scaling
 CONFIGS: dict[str, dict] = {
@@ -31,35 +31,47 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+def grid(args) -> list[tuple[str, int, int]]:
+    """(config, rank, seed) in run order: rank-major, high ranks first, so a cut-short sweep
+    still compares the configurations where they differ; at r=1 the three are the same
+    query (one atom is the whole adapter, and alpha/r = alpha), so r=1 runs only once."""
+    ranks = sorted((int(r) for r in args.ranks.split(",")), key=lambda r: (r == 1, -r))
+    names = args.configs.split(",")
+    return [(name, rank, int(seed)) for rank in ranks for name in (names if rank > 1 else names[:1])
+            for seed in args.seeds.split(",")]
+
+
 def run_sweep(args) -> list[dict]:
+    """Train every grid point; a finished run (summary.json) is read back and a killed one resumed."""
     rows = []
     out = Path(args.out)
-    for name in args.configs.split(","):
-        for rank in (int(r) for r in args.ranks.split(",")):
-            for seed in (int(s) for s in args.seeds.split(",")):
-                lr = getattr(args, f"lr_{name.replace('-', '_')}") or args.lr
-                run_dir = out / "runs" / f"{name}-r{rank}-s{seed}"
-                cfg = TrainConfig(model=args.model, task=args.task, data_dir=args.data_dir, lora_r=rank,
-                                  lora_alpha=args.alpha, lr=lr, eps=args.eps, steps=args.steps,
-                                  batch_size=args.batch_size, train_size=args.train_size, dev_size=args.dev_size,
-                                  eval_every=args.eval_every, seed=seed, output_dir=str(run_dir),
-                                  threads=args.threads, progress=False, **CONFIGS[name])
-                try:
-                    s = train(cfg)
-                except ZOError as exc:  # a diverged run is a result, not a crash of the sweep
-                    print(f"{name:15s} r={rank:<3d} seed={seed} FAILED: {exc}", flush=True)
-                    rows.append({"config": name, "rank": rank, "seed": seed, "lr": lr, "dev_before": float("nan"),
-                                 "dev_final": float("nan"), "dev_best": float("nan"),
-                                 "train_loss_last": float("nan"), "forward_passes": 0, "wall_s": 0.0,
-                                 "curve": [], "error": str(exc)})
-                    continue
-                curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                rows.append({"config": name, "rank": rank, "seed": seed, "lr": lr, "dev_before": s.dev_before,
-                             "dev_final": s.dev_after, "dev_best": s.dev_best, "train_loss_last": s.train_loss_last,
-                             "forward_passes": s.forward_passes, "wall_s": s.wall_s,
-                             "curve": [(r["forward_passes"], r["dev_acc"]) for r in curve if "dev_acc" in r]})
-                print(f"{name:15s} r={rank:<3d} seed={seed} dev {s.dev_before:.3f} -> {s.dev_after:.3f} "
-                      f"(best {s.dev_best:.3f}) loss {s.train_loss_last:.4f} fwd {s.forward_passes}", flush=True)
+    for name, rank, seed in grid(args):
+        lr = getattr(args, f"lr_{name.replace('-', '_')}") or args.lr
+        run_dir = out / "runs" / f"{name}-r{rank}-s{seed}"
+        cfg = TrainConfig(model=args.model, task=args.task, data_dir=args.data_dir, lora_r=rank,
+                          lora_alpha=args.alpha, lr=lr, eps=args.eps, steps=args.steps,
+                          batch_size=args.batch_size, train_size=args.train_size, dev_size=args.dev_size,
+                          eval_every=args.eval_every, seed=seed, output_dir=str(run_dir),
+                          threads=args.threads, progress=False, **CONFIGS[name])
+        try:
+            if (run_dir / "summary.json").exists():
+                s = Summary(**json.loads((run_dir / "summary.json").read_text()))
+            else:
+                s = train(cfg, resume=run_dir if (run_dir / "trajectory.jsonl").exists() else None)
+        except ZOError as exc:  # a diverged run is a result, not a crash of the sweep
+            print(f"{name:15s} r={rank:<3d} seed={seed} FAILED: {exc}", flush=True)
+            rows.append({"config": name, "rank": rank, "seed": seed, "lr": lr, "dev_before": float("nan"),
+                         "dev_final": float("nan"), "dev_best": float("nan"), "train_loss_last": float("nan"),
+                         "forward_passes": 0, "wall_s": 0.0, "curve": [], "error": str(exc)})
+            continue
+        curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"config": name, "rank": rank, "seed": seed, "lr": lr, "dev_before": s.dev_before,
+                     "dev_final": s.dev_after, "dev_best": s.dev_best, "train_loss_last": s.train_loss_last,
+                     "forward_passes": s.forward_passes, "wall_s": s.wall_s,
+                     "curve": [(r["forward_passes"], r["dev_acc"]) for r in curve if "dev_acc" in r]})
+        print(f"{name:15s} r={rank:<3d} seed={seed} dev {s.dev_before:.3f} -> {s.dev_after:.3f} "
+              f"(best {s.dev_best:.3f}) loss {s.train_loss_last:.4f} fwd {s.forward_passes}", flush=True)
+        write_outputs(rows, out, args.title)  # partial results survive a cut-short sweep
     return rows
 
 
@@ -129,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--out", default="benchmarks/results/rank_sweep")
     args = ap.parse_args(argv)
+    args.title = (f"Rank sweep: {args.task}, {args.model}, {args.steps} steps x batch {args.batch_size}, "
+                  f"eps {args.eps}, alpha {args.alpha}")
     rows = run_sweep(args)
-    write_outputs(rows, Path(args.out), f"Rank sweep: {args.task}, {args.model}, {args.steps} steps x batch "
-                                        f"{args.batch_size}, eps {args.eps}, alpha {args.alpha}")
+    write_outputs(rows, Path(args.out), args.title)
     print(f"written to {args.out}/rank_sweep.{{md,csv,json,png}}")
 
 
