@@ -134,7 +134,7 @@ def test_the_update_uses_the_u_and_v_of_the_perturbation_on_a_v_refresh_step(nam
     assert abs(g - float(((before - target) * z).sum())) < 1e-3 * (1 + abs(g))
     factor = (1 - 0.9) if name == "lozo-m" else 1.0
     assert torch.allclose(w - before, -lr * factor * g * z, atol=1e-6, rtol=1e-5)
-    # what the buggy order would have applied (V drawn first, then U, from one stream) is far from it
+    # an update along any other U (what the public code applies on refresh steps) is far from it
     wrong = gauss((M, r), tensor_seed(QueryKey(11, nu + 1, 0), "lin.weight", "lozo-U")) @ v.T / math.sqrt(r)
     assert not torch.allclose(w - before, -lr * factor * g * wrong, atol=1e-3)
 
@@ -249,19 +249,32 @@ def test_each_full_weight_baseline_lowers_a_regression_loss(name, lr):
     assert module.loss() < 0.35 * start  # measured 9.80 -> lozo 1.09, lozo-m 1.42, subzero 2.37 (mezo@3e-2: 0.61)
 
 
-@pytest.mark.parametrize("name,lr", [("lozo", 3e-3), ("subzero-lora", 5e-2)])
-def test_lozo_and_subzero_lora_lower_the_loss_of_a_tiny_language_model(tiny_llama, name, lr):
+def test_subzero_lora_lowers_a_regression_loss_through_a_peft_lora_adapter():
+    module = Regression()
+    cfg = TrainConfig(method="subzero-lora", eps=1e-3, lora_r=4, lora_alpha=4, target_modules=["lin"],
+                      subzero_rank=2, subzero_T=20)
+    method = get_method("subzero-lora")(cfg)
+    inner = method.prepare(module).base_model.model
+    engine = method.build_engine(cfg)
+    start = inner.loss()
+    for _ in range(400):
+        engine.step(inner.loss, 1e-2)
+    assert inner.loss() < 0.6 * start  # measured 9.80 -> 4.36 (mezo-lora at the same lr: 4.43)
+
+
+def test_lozo_lowers_the_loss_of_a_tiny_language_model(tiny_llama):
+    """The same check as MeZO's in test_engine (150 steps, lr 3e-3): a real learning signal through LOZO."""
     model, tok, _ = load_model(str(tiny_llama))
-    cfg = TrainConfig(method=name, eps=1e-3, lora_r=4, lora_alpha=8, subzero_rank=4, subzero_T=50)
-    method = get_method(name)(cfg)
+    cfg = TrainConfig(method="lozo", eps=1e-3)
+    method = get_method("lozo")(cfg)
     model = method.prepare(model)
     scorer, train = Scorer(model, tok), synthetic_examples(64, seed=1)
     engine = method.build_engine(cfg)
     start = scorer.loss(train)
     for step in range(150):
         batch = train[(step * 16) % 64: (step * 16) % 64 + 16]
-        engine.step(lambda: scorer.loss(batch), lr)
-    assert scorer.loss(train) < 0.8 * start
+        engine.step(lambda: scorer.loss(batch), 3e-3)
+    assert scorer.loss(train) < 0.75 * start  # measured: 0.704 -> 0.448 (MeZO: 0.355)
 
 
 # -- runs: replay and resume ---------------------------------------------------------------------
