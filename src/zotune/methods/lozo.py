@@ -1,4 +1,4 @@
-"""LOZO and LOZO-M (Chen et al., ICLR 2025): low-rank perturbations U·Vᵀ of every 2-D weight.
+"""LOZO (Chen et al., ICLR 2025): low-rank U·Vᵀ perturbations of every 2-D weight; LOZO-M adds factor momentum.
 
 The trainable tensors are MeZO's (all parameters, or those whose name contains
 one of ``--target-modules``). For a 2-D weight of shape m×n the direction is

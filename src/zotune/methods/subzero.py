@@ -1,4 +1,4 @@
-"""SubZero (Yu et al., ICCV 2025): perturbations inside per-tensor random subspaces.
+"""SubZero (Yu et al., ICCV 2025): U·Z·Vᵀ in per-tensor random orthonormal subspaces (weights or LoRA).
 
 For every trainable 2-D tensor of shape m×n, column-orthonormal bases
 U ∈ R^{m×r} and V ∈ R^{n×r} (the Q factors of seeded Gaussian matrices) are
