@@ -62,6 +62,11 @@ class TrainConfig:
     ar1_scaling: str = _f("topology", "AR1-ZO scale: topology (lora_alpha = alpha*r, scale alpha) | canonical (alpha/r) | rslora (alpha/sqrt r)")
     ar1_schedule: str = _f("cyclic", "AR1-ZO atom order: cyclic (k = step mod r) | random")
     ar1_per_layer: bool = _f(False, "AR1-ZO: each layer picks its own atom (seeded offset / independent draw)")
+    # AGZO (activation-subspace directions R·Aᵀ on the adapted layers' full weights)
+    agzo_rank: int = _f(8, "AGZO: dimension k of each layer's activation basis A (recomputed every step)")
+    agzo_power_iters: int = _f(2, "AGZO: power (subspace) iterations computing A from the step's activations")
+    agzo_difference: str = _f("central", "AGZO: central (1+2q forward passes per step) | forward "
+                                         "((L+ - L0)/eps, 1+q forward passes)")
     # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
     train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
     dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")
