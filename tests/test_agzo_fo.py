@@ -53,7 +53,7 @@ def test_activation_basis_is_orthonormal_and_spans_rank_k_inputs():
 
 def test_basis_comes_from_the_steps_own_batch_before_any_perturbation(tiny_llama):
     """A of a step = the top-k basis of the layer's real-token inputs at the unperturbed weights."""
-    model, scorer, engine = engine_for(tiny_llama, "agzo", agzo_rank=4, agzo_power_iters=30)
+    _, scorer, engine = engine_for(tiny_llama, "agzo", agzo_rank=4, agzo_power_iters=30)
     method = engine.method
     batch = synthetic_examples(6, seed=2)  # prompts of different lengths: padding must be left out
     name = next(n for n in method.params if "v_proj" in n)
@@ -122,7 +122,7 @@ def test_agzo_lowers_the_loss_of_a_tiny_language_model(tiny_llama):
     for step in range(AGZO_STEPS):
         batch = train[(step * 16) % 64 : (step * 16) % 64 + 16]
         engine.step(lambda: scorer.loss_tensor(batch), lr=AGZO_LR)
-    assert scorer.loss(train) < AGZO_FACTOR * start
+    assert scorer.loss(train) < AGZO_FACTOR * start  # measured: 0.704 -> 0.618
 
 
 def test_agzo_resumes_exactly_through_the_optimizer_state(tiny_llama):
