@@ -39,6 +39,10 @@ weights, which a trajectory of scalars does not hold, so ``zotune replay`` and
 :class:`zotune.ZOOptimizer` ``state_dict()`` is exact: it holds the weights and
 the optimizer state, and the next step recomputes A from its own batch, so no
 basis needs saving.
+
+Not for data-parallel runs as is: each rank would compute A from its own shard,
+so ranks would perturb along different directions (the bases would have to be
+agreed on first, e.g. by all-reducing the activation products).
 """
 
 from __future__ import annotations
