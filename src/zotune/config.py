@@ -67,6 +67,11 @@ class TrainConfig:
     lozo_nu: int = _f(50, "LOZO/LOZO-M: V is redrawn every nu steps (U every step)")
     subzero_rank: int = _f(24, "SubZero: rank r of the orthonormal bases U, V of each 2-D tensor (capped at its smaller side)")
     subzero_T: int = _f(1000, "SubZero: the bases U, V are redrawn (QR of seeded Gaussians) every T steps")
+    # AGZO (activation-subspace directions R·Aᵀ on the adapted layers' full weights)
+    agzo_rank: int = _f(8, "AGZO: dimension k of each layer's activation basis A (recomputed every step)")
+    agzo_power_iters: int = _f(2, "AGZO: power (subspace) iterations computing A from the step's activations")
+    agzo_difference: str = _f("central", "AGZO: central (1+2q forward passes per step) | forward "
+                                         "((L+ - L0)/eps, 1+q forward passes)")
     # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
     train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
     dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")

@@ -121,8 +121,15 @@ class Scorer:
     @torch.no_grad()
     def loss(self, examples: Sequence[Example]) -> float:
         """Cross-entropy over candidates, averaged over the batch."""
+        return float(self.loss_tensor(examples))
+
+    def loss_tensor(self, examples: Sequence[Example]) -> torch.Tensor:
+        """:meth:`loss` as a 0-d tensor, differentiable when grad mode is on (first-order training).
+
+        Under a ZO step (``no_grad``) it is the same number as :meth:`loss`.
+        """
         labels = torch.tensor([e.label for e in examples], device=self._device())
-        return float(F.cross_entropy(self.scores(examples), labels))
+        return F.cross_entropy(self.scores(examples), labels)
 
     @torch.no_grad()
     def accuracy(self, examples: Sequence[Example], batch_size: int = 32, progress: bool = False,

@@ -46,7 +46,14 @@ def read_trajectory(path: Path) -> list[dict]:
 
 
 def replay(engine: ZOEngine, rows: list[dict]) -> None:
-    """Apply the logged updates to the engine's freshly prepared method, in order."""
+    """Apply the logged updates to the engine's freshly prepared method, in order.
+
+    A method-owned engine with its own ``replay(rows)`` (e.g. one whose directions
+    depend on data, or a first-order step) decides for itself, which may be to refuse.
+    """
+    if hasattr(engine, "replay"):
+        engine.replay(rows)
+        return
     method, optimizer = engine.method, engine.optimizer
     for row in rows:
         step = row["step"]

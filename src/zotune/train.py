@@ -207,7 +207,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         for step in steps:
             batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)]
             try:
-                result = engine.step(lambda: scorer.loss(batch), cfg.lr)
+                result = engine.step(lambda: scorer.loss_tensor(batch), cfg.lr)  # a graph only for fo-lora
             except FloatingPointError as exc:
                 raise ZOError(f"{exc} (batch of step {step}); weights restored; resume or inspect "
                               f"{run_dir}") from None
