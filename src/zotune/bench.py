@@ -381,7 +381,9 @@ def run_bench(preset: Preset, out: Path, retry_failed: bool = False, say=print) 
             times_path.write_text(json.dumps(forward_times, indent=2))
         what, summary, error = run_one(run, retry_failed)
         r = row(run, summary, error, forward_times.get(key))
-        r["curve"] = dev_curve(run) if summary else []
+        r["curve"] = dev_curve(run)  # a failed run keeps the evaluations it made
+        if not summary and r["curve"] and r["curve"][0][0] == 0:
+            r["dev_before"] = r["curve"][0][1]
         rows.append(r)
         head = f"[{i}/{len(runs)}] {run.entry.label} {run.task} seed {run.seed}"
         if error:
@@ -420,9 +422,9 @@ def markdown(rows: list[dict], title: str) -> str:
              "wall s | peak MiB | step cost |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (task, method), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
-        col = lambda key, fmt=".3f": _stat([r[key] for r in ok], fmt)  # noqa: E731
+        col = lambda key, fmt=".3f", rs=ok: _stat([r[key] for r in rs], fmt)  # noqa: E731
         lr = f"{rs[0]['lr']:g}" + ("" if rs[0]["lr_tuned"] else " (untuned)")
-        lines.append(f"| {task} | {method} | {lr} | {len(ok)}/{len(rs)} | {col('dev_before')} | {col('dev_final')} | "
+        lines.append(f"| {task} | {method} | {lr} | {len(ok)}/{len(rs)} | {col('dev_before', rs=rs)} | {col('dev_final')} | "
                      f"{col('dev_best')} | {col('test')} | {rs[0]['steps']} | {rs[0]['forward_passes']} | {col('wall_s', '.0f')} | "
                      f"{col('peak_memory_mb', '.0f')} | {col('step_cost_ratio', '.2f')} |")
     failures = [r for r in rows if r["status"] != "ok"]
@@ -442,7 +444,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
-            curves = [r["curve"] for r in rows if r["task"] == task and r["method"] == method and r["curve"]]
+            curves = [r["curve"] for r in rows
+                      if r["task"] == task and r["method"] == method and r["status"] == "ok" and r["curve"]]
             if not curves:
                 continue
             n = min(len(c) for c in curves)  # seeds share eval points; a shorter curve is a resumed oddity
@@ -453,7 +456,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("forward passes")
         ax.set_ylabel("dev accuracy (mean over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     fig.suptitle(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
