@@ -353,6 +353,7 @@ def row(run: Run, summary: dict, error: str, forward_s: float | None) -> dict:
         "dev_before": summary.get("dev_before", nan), "dev_final": summary.get("dev_after", nan),
         "dev_best": summary.get("dev_best", nan),
         "test": nan if summary.get("test_after") is None else summary["test_after"],
+        "train_loss_last": summary.get("train_loss_last", nan),
         "steps": run.cfg.steps, "forwards_per_step": per, "forward_passes": run.cfg.steps * per,
         "counted_forward_passes": summary.get("forward_passes", 0),
         "wall_s": summary.get("wall_s", nan), "peak_memory_mb": summary.get("peak_memory_mb", nan),

@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--device", help="cpu | cuda | auto")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any train setting for every run "
-                                                                        "(repeatable), e.g. --set dev_size=200")
+                   "(repeatable), e.g. --set dev_size=200; an entry's own settings (method, rank), its lr and the "
+                   "budget's steps and eval_every are not overridden")
     p.add_argument("--out", help="output folder (default: runs/bench-PRESET); re-running resumes it")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     p.add_argument("--dry-run", action="store_true", help="print the grid (steps, forwards, lr per run) and stop")
