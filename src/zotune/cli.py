@@ -1,4 +1,4 @@
-"""The ``zotune`` command line: train | eval | models | tasks | methods.
+"""The ``zotune`` command line: train | eval | bench | snr | replay | models | tasks | methods.
 
 Flags of ``zotune train`` are generated from :class:`~zotune.config.TrainConfig`,
 so every setting is a flag (``--lora-r 16``), a YAML key (``lora_r: 16``) and a
@@ -183,6 +183,42 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import PRESETS, describe, plan, run_bench, select
+
+    if args.preset not in PRESETS:
+        raise ZOError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    words = lambda text: [w for w in (x.strip() for x in text.split(",")) if w] if text else None  # noqa: E731
+    try:
+        seeds = [int(s) for s in words(args.seeds)] if args.seeds else None
+    except ValueError:
+        raise ZOError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    if args.budget is not None and args.budget < 1:
+        raise ZOError(f"--budget must be >= 1 forward pass, got {args.budget}")
+    settings = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ZOError(f"--set expects KEY=VALUE, got {item!r}")
+        settings[key.strip().replace("-", "_")] = value.strip()
+    for name in ("model", "data_dir", "threads", "device"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    preset = select(PRESETS[args.preset], methods=words(args.methods), tasks=words(args.tasks), seeds=seeds,
+                    budget=args.budget, lr=args.lr, settings=settings)
+    out = Path(args.out or f"runs/bench-{args.preset}")
+    if args.dry_run:
+        print(describe(preset, plan(preset, out, prepare=False)))
+        return 0
+    rows = run_bench(preset, out, retry_failed=args.retry_failed,
+                     say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print((out / "results.md").read_text())
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"written to {out}/results.{{csv,json,md}} and {out}/dev_curves.png"
+          + (f"; {failed} of {len(rows)} runs failed (listed above)" if failed else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zotune",
@@ -242,6 +278,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (holds config.yaml and trajectory.jsonl)")
     p.add_argument("--out", help="where to write the rebuilt adapter (default: RUN_DIR/replayed)")
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser(
+        "bench", help="compare methods x tasks x seeds at the same forward-pass budget (presets)",
+        description=__import__("zotune.bench", fromlist=["x"]).__doc__,
+        epilog="presets:\n" + "\n".join(f"  {n:14s} {p.description}" for n, p in
+                                       __import__("zotune.bench", fromlist=["x"]).PRESETS.items())
+               + "\n\nexamples:\n  zotune bench --preset quick\n"
+                 "  zotune bench --preset sst2-smollm2 --methods mezo-lora,ar1zo --seeds 0 --dry-run\n"
+                 "  zotune bench --preset rank-sweep --out benchmarks/results/rank_sweep_bench",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="quick", help="grid to run (default: quick)")
+    p.add_argument("--methods", help="comma-separated entry labels of the preset, or method names to add "
+                                     "(at a guessed, untuned lr)")
+    p.add_argument("--tasks", help="comma-separated task names (or YAML task files); 'synthetic' is built in")
+    p.add_argument("--seeds", help="comma-separated seeds")
+    p.add_argument("--budget", type=int, help="forward passes per run; steps = budget // forwards per step")
+    p.add_argument("--lr", type=float, help="one shared lr for every entry instead of the preset's table")
+    p.add_argument("--model", help="model for every run (named or a local folder)")
+    p.add_argument("--data-dir", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--device", help="cpu | cuda | auto")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any train setting for every run "
+                   "(repeatable), e.g. --set dev_size=200; an entry's own settings (method, rank), its lr and the "
+                   "budget's steps and eval_every are not overridden")
+    p.add_argument("--out", help="output folder (default: runs/bench-PRESET); re-running resumes it")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
+    p.add_argument("--dry-run", action="store_true", help="print the grid (steps, forwards, lr per run) and stop")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list the named offline models, or prepare (convert) them")
     p.add_argument("--prepare", nargs="+", metavar="NAME", help="convert/prepare these named models now")
