@@ -132,6 +132,11 @@ class AGZO(Method):
         z = r @ basis.T
         return (z.T if is_transposed(self.layers[name]) else z).to(like.dtype)
 
+    @classmethod
+    def forwards_per_step(cls, cfg) -> int:
+        """One unperturbed forward (the basis and L(θ)), then 2 per query (central) or 1 (forward)."""
+        return 1 + (2 if cfg.agzo_difference == "central" else 1) * cfg.queries
+
     def build_engine(self, cfg) -> "AGZOEngine":
         from ..optim import make_optimizer
 

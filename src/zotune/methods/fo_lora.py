@@ -50,6 +50,10 @@ class FOLoRA(MeZOLoRA):
             p.requires_grad_(True)
         return model
 
+    @classmethod
+    def forwards_per_step(cls, cfg) -> int:
+        return FO_STEP_COST
+
     def build_engine(self, cfg) -> "FOEngine":
         return FOEngine(self, cfg.weight_decay, tuple(float(b) for b in cfg.betas), cfg.seed)
 
