@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg, resume=run_dir)
     else:
         summary = train(config_from_args(args))
-    print(summary.text())
+    if summary is not None:  # under torchrun, rank 0 reports
+        print(summary.text())
     return 0
 
 
@@ -177,6 +178,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     result = replay_run(Path(args.run_dir), Path(args.out) if args.out else None)
     print(json.dumps(result, indent=2))
+    if result["adapter_bytes"]:
+        print(f"zotune: {result['trajectory_bytes']:,} bytes of trajectory rebuild {result['adapter_bytes']:,} bytes "
+              f"of adapter ({result['log_vs_adapter']:.2%})", file=sys.stderr)
     if result.get("bit_identical") is False:
         print("zotune: the replayed tensors differ from the saved adapter", file=sys.stderr)
         return 1

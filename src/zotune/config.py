@@ -75,6 +75,13 @@ class TrainConfig:
     device: str = _f("auto", "cpu | cuda | auto")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     progress: bool = _f(True, "show progress bars")
+    # distributed runs (torchrun) and guards
+    parallel: str = _f("data", "under torchrun: data (each rank a slice of every batch) | query (each rank "
+                               "its share of the queries); only scalars are exchanged")
+    check_sync_every: int = _f(50, "under torchrun: compare a checksum of the trainable parameters across "
+                                   "ranks every N steps and stop if they differ (0 = only at the end)")
+    max_loss_ratio: float = _f(10.0, "stop when the mean loss of the last 10 steps exceeds this multiple of "
+                                     "the first 10 steps' mean (0 = never)")
 
     def validate(self) -> "TrainConfig":
         """Fail before any work, with the name of the offending setting."""
@@ -89,6 +96,10 @@ class TrainConfig:
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
         require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
+        require(self.parallel in ("data", "query"), f"parallel must be data or query, got {self.parallel!r}")
+        require(self.check_sync_every >= 0, f"check_sync_every must be >= 0, got {self.check_sync_every}")
+        require(math.isfinite(self.max_loss_ratio) and self.max_loss_ratio >= 0,
+                f"max_loss_ratio must be >= 0 (0 disables it), got {self.max_loss_ratio}")
         from .methods import get_method
         from .optim import OPTIMIZERS
         from .tasks import TASKS
