@@ -44,6 +44,7 @@ class Cluster:
         self.rank, self.world, self.parallel = rank, world, parallel
         self.check_sync_every, self.device = check_sync_every, device
         self.comm_bytes = 0  # payload exchanged since the last step_stats()
+        self.owns_group = False  # whether close() ends the process group (not when a caller set it up)
         self._weight = 1.0  # this rank's share of the step's batch (data-parallel)
 
     @property
@@ -145,7 +146,7 @@ class Cluster:
         if self.world > 1:
             import torch.distributed as dist
 
-            if dist.is_initialized():
+            if self.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 
 
@@ -164,9 +165,11 @@ def from_env(cfg) -> Cluster:
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
     if cfg.parallel == "data":
         require(cfg.batch_size >= world, f"parallel data splits each batch over {world} ranks: batch_size "
                                          f"must be >= {world}, got {cfg.batch_size}")
-    return Cluster(rank, world, cfg.parallel, cfg.check_sync_every, "cuda" if cuda else "cpu")
+    cluster = Cluster(rank, world, cfg.parallel, cfg.check_sync_every, "cuda" if cuda else "cpu")
+    if not dist.is_initialized():  # rank 0 may evaluate alone for a while: a long timeout
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+        cluster.owns_group = True
+    return cluster

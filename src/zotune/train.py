@@ -245,11 +245,11 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
                               f"logged: resume or inspect {run_dir}") from None
             losses.append(result.loss)
             log(traj, {"step": result.step, "seed": cfg.seed, "g": result.grads, "lr": cfg.lr})
+            cluster.check_sync(step + 1, method.params, force=step + 1 == cfg.steps)
             log(metrics, {"step": step + 1, "loss": result.loss, "g": result.grads,
                           "forward_passes": engine.forward_passes, "time_s": round(time.time() - t0, 3),
                           **cluster.step_stats()})
             check_loss(losses, cfg.max_loss_ratio, step, indices, run_dir)
-            cluster.check_sync(step + 1, method.params, force=step + 1 == cfg.steps)
             if cfg.progress and main:
                 recent = losses[-20:]
                 steps.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", fwd=engine.forward_passes)
