@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ZOError as exc:
-        print(f"zotune: error: {exc}", file=sys.stderr)
+        print(f"zotune: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("zotune: interrupted", file=sys.stderr)
