@@ -124,6 +124,17 @@ class Cluster:
         self.comm_bytes = 0
         return stats
 
+    def describe(self) -> str:
+        """One line for the log: who evaluates what, and what crosses the wire."""
+        if self.world == 1:
+            return "zotune: one process"
+        if self.parallel == "data":
+            return (f"zotune: data-parallel over {self.world} ranks: each evaluates every query on its slice of the "
+                    f"batch; the exchange is one 8-byte loss per rank per forward pass")
+        return (f"zotune: query-parallel over {self.world} ranks: rank r evaluates queries r, r+{self.world}, ... "
+                f"on the whole batch; directions derive from (seed, step, query), so no seed is sent, only "
+                f"(query, g, loss) scalars")
+
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 and hand every rank its result (or its ZOError), e.g. the run directory."""
         if self.world == 1:

@@ -64,7 +64,7 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
 
     from .config import TrainConfig
     from .models import load_model
-    from .train import build_engine, save_atomically
+    from .train import build_engine, safetensors_bytes, save_atomically
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -77,7 +77,7 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
     out = Path(out) if out else run_dir / "replayed"
     save_atomically(method, model, out)
     log_bytes = (run_dir / "trajectory.jsonl").stat().st_size if rows else 0
-    adapter_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    adapter_bytes = safetensors_bytes(out)
     result = {"steps": len(rows), "replayed": str(out), "trajectory_bytes": log_bytes,
               "adapter_bytes": adapter_bytes,  # the trained tensors the log stands for (safetensors)
               "log_vs_adapter": round(log_bytes / adapter_bytes, 6) if adapter_bytes else None}

@@ -171,11 +171,13 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     if not cfg.test_size:
         data.test = []
     cluster = distributed.from_env(cfg)  # a cluster of one unless launched by torchrun
-    main = cluster.is_main
+    main = cluster.is_main  # rank 0, or the only process
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress and main else (lambda msg: None)
     model, tok, kind = load_model(cfg.model, device=device)
     require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
     say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
+    if cluster.world > 1:
+        say(cluster.describe())
     model, engine = build_engine(cfg, model)
     engine, method = cluster.wrap(engine), engine.method
     if resume is None:
@@ -241,8 +243,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
             try:
                 result = engine.step(lambda: scorer.loss(batch), cfg.lr)
             except FloatingPointError as exc:
-                raise ZOError(f"{exc} on batch indices {indices}; weights restored, steps 0-{step - 1} "
-                              f"logged: resume or inspect {run_dir}") from None
+                raise ZOError(f"{exc} on batch indices {indices}; weights restored, the {step} steps "
+                              f"before it logged: resume or inspect {run_dir}") from None
             losses.append(result.loss)
             log(traj, {"step": result.step, "seed": cfg.seed, "g": result.grads, "lr": cfg.lr})
             cluster.check_sync(step + 1, method.params, force=step + 1 == cfg.steps)
@@ -277,7 +279,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         train_loss_first=sum(head) / len(head), train_loss_last=sum(tail) / len(tail),
         wall_s=time.time() - t0, peak_memory_mb=peak_memory_mb(device),
         trainable_params=method.num_trainable(), adapter=str(run_dir / "adapter"),
-        adapter_bytes=folder_bytes(run_dir / "adapter"), trajectory_bytes=(run_dir / "trajectory.jsonl").stat().st_size,
+        adapter_bytes=safetensors_bytes(run_dir / "adapter"), trajectory_bytes=(run_dir / "trajectory.jsonl").stat().st_size,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
     return summary
@@ -303,9 +305,9 @@ def check_loss(losses: list[float], ratio: float, step: int, indices: list[int],
             f"this check)")
 
 
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files in ``path`` (an adapter folder), 0 if it does not exist."""
-    return sum(f.stat().st_size for f in Path(path).glob("*") if f.is_file())
+def safetensors_bytes(path: Path) -> int:
+    """Bytes of the tensors saved in ``path`` (an adapter folder): what the trajectory stands for."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 def _read_metrics(path: Path, steps_done: int) -> list[dict]:
