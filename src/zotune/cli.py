@@ -64,8 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = {n: getattr(args, n) for n in ("steps", "progress") if getattr(args, n) is not None}
         cfg = TrainConfig.from_dict({**TrainConfig.from_yaml(run_dir / "config.yaml").to_dict(), **overrides},
                                     source="command line")
-        if args.steps is not None:  # the run's recorded config follows its new length
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if args.steps is not None and os.environ.get("RANK", "0") == "0":  # the recorded config follows its
+            tmp = run_dir / ".config.yaml.tmp"                              # new length (atomically: under
+            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # torchrun other ranks read it)
+            os.replace(tmp, run_dir / "config.yaml")
         summary = train(cfg, resume=run_dir)
     else:
         summary = train(config_from_args(args))
