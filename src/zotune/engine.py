@@ -89,9 +89,11 @@ class ZOEngine:
         self.forward_passes = 0
 
     def local_queries(self) -> range:
+        """The queries this process evaluates: all of them, unless query-parallel."""
         return range(self.queries)
 
     def gather(self, results: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+        """Every process's (query, g, loss) triples in query order: on one process, its own."""
         return results
 
     @torch.no_grad()
