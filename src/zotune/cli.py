@@ -64,12 +64,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = {n: getattr(args, n) for n in ("steps", "progress") if getattr(args, n) is not None}
         cfg = TrainConfig.from_dict({**TrainConfig.from_yaml(run_dir / "config.yaml").to_dict(), **overrides},
                                     source="command line")
-        if args.steps is not None:  # the run's recorded config follows its new length
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if args.steps is not None and os.environ.get("RANK", "0") == "0":  # the recorded config follows its
+            tmp = run_dir / ".config.yaml.tmp"                              # new length (atomically: under
+            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # torchrun other ranks read it)
+            os.replace(tmp, run_dir / "config.yaml")
         summary = train(cfg, resume=run_dir)
     else:
         summary = train(config_from_args(args))
-    print(summary.text())
+    if summary is not None:  # under torchrun, rank 0 reports
+        print(summary.text())
     return 0
 
 
@@ -177,6 +180,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     result = replay_run(Path(args.run_dir), Path(args.out) if args.out else None)
     print(json.dumps(result, indent=2))
+    if result["adapter_bytes"]:
+        print(f"zotune: {result['trajectory_bytes']:,} bytes of trajectory rebuild {result['adapter_bytes']:,} bytes "
+              f"of adapter ({result['log_vs_adapter']:.2%})", file=sys.stderr)
     if result.get("bit_identical") is False:
         print("zotune: the replayed tensors differ from the saved adapter", file=sys.stderr)
         return 1
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ZOError as exc:
-        print(f"zotune: error: {exc}", file=sys.stderr)
+        print(f"zotune: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("zotune: interrupted", file=sys.stderr)

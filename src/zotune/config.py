@@ -85,6 +85,13 @@ class TrainConfig:
     device: str = _f("auto", "cpu | cuda | auto")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     progress: bool = _f(True, "show progress bars")
+    # distributed runs (torchrun) and guards
+    parallel: str = _f("data", "under torchrun: data (each rank a slice of every batch) | query (each rank "
+                               "its share of the queries); only scalars are exchanged")
+    check_sync_every: int = _f(50, "under torchrun: compare a checksum of the trainable parameters across "
+                                   "ranks every N steps and stop if they differ (0 = only at the end)")
+    max_loss_ratio: float = _f(10.0, "stop when the mean loss of the last 10 steps exceeds this multiple of "
+                                     "the first 10 steps' mean (0 = never)")
 
     def validate(self) -> "TrainConfig":
         """Fail before any work, with the name of the offending setting."""
@@ -98,7 +105,21 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
-        require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
+        require(len(self.betas) == 2 and all(_is_number(b) and 0 <= float(b) < 1 for b in self.betas),
+                f"betas must be two numbers in [0, 1), got {self.betas}")
+        require(all(isinstance(t, str) and t.strip() for t in self.target_modules),
+                f"target_modules must be names, got {self.target_modules}")
+        require(0 <= self.seed < 2**63, f"seed must be in [0, 2^63), got {self.seed}")
+        require(0 <= self.threads <= 4096, f"threads must be >= 0 (0 = torch's default), got {self.threads}")
+        require(self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}")
+        require(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        for name in ("train_size", "dev_size", "test_size"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0 (0 = all), got {getattr(self, name)}")
+        require(math.isfinite(self.momentum), f"momentum must be a finite number, got {self.momentum}")
+        require(self.parallel in ("data", "query"), f"parallel must be data or query, got {self.parallel!r}")
+        require(self.check_sync_every >= 0, f"check_sync_every must be >= 0, got {self.check_sync_every}")
+        require(math.isfinite(self.max_loss_ratio) and self.max_loss_ratio >= 0,
+                f"max_loss_ratio must be >= 0 (0 disables it), got {self.max_loss_ratio}")
         from .methods import get_method
         from .optim import OPTIMIZERS
         from .tasks import TASKS
@@ -115,7 +136,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(k if isinstance(k, str) and k.isidentifier() else repr(k) for k in set(data) - names)
         require(not unknown, f"{source}: unknown setting(s) {', '.join(unknown)}")
         cfg = cls()
         for f in dataclasses.fields(cls):
@@ -129,10 +150,16 @@ class TrainConfig:
         require(path.exists(), f"config file not found: {path}")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ZOError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
-            raise ZOError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+            raise ZOError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
         require(isinstance(data, dict), f"{path}: expected a mapping of settings at the top level")
-        return cls.from_dict({k.replace("-", "_"): v for k, v in data.items()}, str(path))
+        return cls.from_dict({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()}, str(path))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
@@ -146,7 +173,9 @@ def coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if value in (0, 1) and isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
         if kind is list:
             if isinstance(value, str):
                 return [v for v in (x.strip() for x in value.split(",")) if v]
@@ -157,6 +186,10 @@ def coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
             raise ValueError(value)
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError(value)
+        if kind is str and value is None:
+            return ""  # `text_pair_field:` (an empty YAML value) means none
+        if kind is str and not isinstance(value, (str, int, float)):
+            raise ValueError(value)  # a list or mapping where text belongs
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ZOError(f"{source}: setting {f.name!r} expects {kind.__name__}, got {value!r}") from None

@@ -66,8 +66,14 @@ class StepResult:
 class ZOEngine:
     """Runs ZO steps for one method and one optimizer.
 
-    ``reduce`` (optional) maps a local loss to the global one, e.g. an all-reduce
-    mean over data-parallel ranks: only that scalar crosses the wire.
+    Three hooks let :mod:`zotune.distributed` spread a step over processes while
+    only scalars cross the wire; on one process they do nothing:
+
+    * ``reduce`` maps a local loss to the global one (data-parallel: the mean
+      over every rank's shard of the batch);
+    * :meth:`local_queries` names the queries this process evaluates;
+    * :meth:`gather` turns this process's (query, g, loss) triples into every
+      process's, in query order (query-parallel).
     """
 
     def __init__(self, method, optimizer, eps: float, queries: int = 1, seed: int = 0,
@@ -82,36 +88,42 @@ class ZOEngine:
         self.step_count = 0
         self.forward_passes = 0
 
-    def _loss(self, loss_fn: Callable[[], float | torch.Tensor]) -> float:
-        self.forward_passes += 1
-        value = float(self.reduce(float(loss_fn())))
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss {value} at step {self.step_count}")
-        return value
+    def local_queries(self) -> range:
+        """The queries this process evaluates: all of them, unless query-parallel."""
+        return range(self.queries)
+
+    def gather(self, results: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+        """Every process's (query, g, loss) triples in query order: on one process, its own."""
+        return results
 
     @torch.no_grad()
     def step(self, loss_fn: Callable[[], float | torch.Tensor], lr: float) -> StepResult:
         views = self.method.views(self.step_count)  # [(name, tensor or view)] queried this step
         snapshot = [v.detach().clone() for _, v in views]
         restore = lambda: [v.copy_(s) for (_, v), s in zip(views, snapshot)]
-        keys, grads, losses = [], [], []
+        loss = lambda: float(self.reduce(float(loss_fn())))
+        results = []  # (query, g, loss at theta to first order)
         try:
-            for q in range(self.queries):
+            for q in self.local_queries():
                 key = QueryKey(self.seed, self.step_count, q)
                 for (name, v) in views:
                     v.add_(self.method.direction(name, v, key), alpha=self.eps)
-                loss_plus = self._loss(loss_fn)
+                loss_plus = loss()
                 for (_, v), s in zip(views, snapshot):  # theta - eps z = 2 theta - (theta + eps z)
                     v.mul_(-1).add_(s, alpha=2)
-                loss_minus = self._loss(loss_fn)
+                loss_minus = loss()
                 restore()
-                keys.append(key)
-                grads.append((loss_plus - loss_minus) / (2 * self.eps))
-                losses.append((loss_plus + loss_minus) / 2)
-        except BaseException:  # a NaN, a kill signal: never leave the weights perturbed
+                results.append((q, (loss_plus - loss_minus) / (2 * self.eps), (loss_plus + loss_minus) / 2))
+        except BaseException:  # a kill signal, a failing forward: never leave the weights perturbed
             restore()
             raise
+        results = self.gather(results)  # checked after gathering, so every process stops alike
+        if not all(math.isfinite(g) and math.isfinite(l) for _, g, l in results):
+            raise FloatingPointError(f"non-finite loss at step {self.step_count}")
+        keys = [QueryKey(self.seed, self.step_count, q) for q, _, _ in results]
+        grads = [g for _, g, _ in results]
         self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
+        self.forward_passes += 2 * len(results)
         self.step_count += 1
-        return StepResult(self.step_count - 1, sum(losses) / len(losses), grads,
-                          2 * self.queries, keys)
+        return StepResult(self.step_count - 1, sum(l for *_, l in results) / len(results), grads,
+                          2 * len(results), keys)

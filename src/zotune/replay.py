@@ -71,7 +71,7 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
 
     from .config import TrainConfig
     from .models import load_model
-    from .train import build_engine, save_atomically
+    from .train import build_engine, safetensors_bytes, save_atomically
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -83,8 +83,11 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
     replay(engine, rows)
     out = Path(out) if out else run_dir / "replayed"
     save_atomically(method, model, out)
-    result = {"steps": len(rows), "replayed": str(out),
-              "trajectory_bytes": (run_dir / "trajectory.jsonl").stat().st_size}
+    log_bytes = (run_dir / "trajectory.jsonl").stat().st_size if rows else 0
+    adapter_bytes = safetensors_bytes(out)
+    result = {"steps": len(rows), "replayed": str(out), "trajectory_bytes": log_bytes,
+              "adapter_bytes": adapter_bytes,  # the trained tensors the log stands for (safetensors)
+              "log_vs_adapter": round(log_bytes / adapter_bytes, 6) if adapter_bytes else None}
     saved = run_dir / "adapter"
     if saved.exists() and len(rows) == cfg.steps:
         def tensors(folder: Path) -> dict:
@@ -94,7 +97,6 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
             return state
 
         a, b = tensors(saved), tensors(out)
-        result["adapter_bytes"] = sum(f.stat().st_size for f in saved.glob("*.safetensors"))
         result["bit_identical"] = a.keys() == b.keys() and all(
             torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
     return result

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import distributed
 from .config import TrainConfig
 from .errors import ZOError, require
 from .evaluate import Scorer
@@ -78,10 +79,26 @@ def task_data(cfg: TrainConfig) -> TaskData:
                         verbalizer=cfg.verbalizer)
 
 
-def make_run_dir(cfg: TrainConfig) -> Path:
-    """Create the run directory and prove it is writable before any training."""
+def run_bytes(cfg: TrainConfig, method) -> int:
+    """About what a run writes: the trained tensors three times (adapter, best, the copy an atomic
+    save holds while swapping) plus the logs (a few hundred bytes per step)."""
+    tensors = sum(p.numel() * p.element_size() for p in method.params.values())
+    return 3 * tensors + cfg.steps * (400 + 50 * cfg.queries)
+
+
+def check_free_space(path: Path, need: int) -> None:
+    """Fail before training, not at the final save, when the disk cannot hold the run."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    require(free >= need, f"not enough disk space for the run in {path}: it will write about "
+                          f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+
+
+def make_run_dir(cfg: TrainConfig, need: int = 0) -> Path:
+    """Create the run directory and prove it is writable and has ``need`` bytes free, before any training."""
     task = Path(cfg.train_file).stem if cfg.train_file else Path(cfg.task).stem
     path = Path(cfg.output_dir or f"runs/{task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_free_space(path, need)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -111,6 +128,8 @@ class Summary:
     peak_memory_mb: float
     trainable_params: int
     adapter: str
+    adapter_bytes: int = 0
+    trajectory_bytes: int = 0
 
     def text(self) -> str:
         lines = [
@@ -127,6 +146,8 @@ class Summary:
             f"  peak memory       {self.peak_memory_mb:.0f} MiB",
             f"  trainable params  {self.trainable_params:,}",
             f"  adapter saved in  {self.adapter}",
+            f"  run log vs adapter {self.trajectory_bytes:,} bytes of trajectory (replays it) vs "
+            f"{self.adapter_bytes:,} bytes of adapter",
         ]
         return "\n".join(lines)
 
@@ -136,28 +157,36 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
 
     Resume replays the run's trajectory onto the freshly prepared model (see
     :mod:`zotune.replay`), so a run killed at any moment continues bit-identically.
+    Launched by torchrun, every rank runs this function (see :mod:`zotune.distributed`);
+    rank 0 alone writes the run directory, and the other ranks return None.
     """
     t0 = time.time()
     cfg.validate()
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else (lambda msg: None)
     # Everything that can be wrong with the inputs fails here, before a run directory exists.
     data = task_data(cfg)
     data = data.subsample(cfg.seed, cfg.train_size, cfg.dev_size, cfg.test_size)
     if not cfg.test_size:
         data.test = []
+    cluster = distributed.from_env(cfg)  # a cluster of one unless launched by torchrun
+    main = cluster.is_main  # rank 0, or the only process
+    say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress and main else (lambda msg: None)
     model, tok, kind = load_model(cfg.model, device=device)
     require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
     say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
+    if cluster.world > 1:
+        say(cluster.describe())
+    model, engine = build_engine(cfg, model)
+    engine, method = cluster.wrap(engine), engine.method
     if resume is None:
-        run_dir = make_run_dir(cfg)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run_dir = cluster.on_main(lambda: make_run_dir(cfg, run_bytes(cfg, method)))
+        if main:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
         run_dir = resume
-    model, engine = build_engine(cfg, model)
-    method = engine.method
+        check_free_space(run_dir, run_bytes(cfg, method))
     scorer = Scorer(model, tok, cfg.max_length)
 
     def evaluate(split: list[Example], desc: str) -> float:
@@ -166,21 +195,25 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     done = read_trajectory(run_dir / "trajectory.jsonl") if resume else []
     records = _read_metrics(run_dir / "metrics.jsonl", len(done)) if resume else []
     replay(engine, done)
+    cluster.check_sync(engine.step_count, method.params, force=True)  # same start on every rank
     losses = [r["loss"] for r in records if "loss" in r]
     evals = {r["step"]: r["dev_acc"] for r in records if "dev_acc" in r}
-    _rewrite(run_dir / "trajectory.jsonl", done)
-    _rewrite(run_dir / "metrics.jsonl", records)
+    if main:
+        _rewrite(run_dir / "trajectory.jsonl", done)
+        _rewrite(run_dir / "metrics.jsonl", records)
     if resume:
         say(f"zotune: resuming {run_dir} at step {engine.step_count} of {cfg.steps}")
     best_acc, best_step = max(((a, s) for s, a in evals.items() if s > 0), default=(-1.0, 0))
 
-    with open(run_dir / "metrics.jsonl", "a") as metrics, open(run_dir / "trajectory.jsonl", "a") as traj:
+    own = lambda name: run_dir / name if main else os.devnull  # only rank 0 writes
+    save = lambda path: main and save_atomically(method, model, path)
+    with open(own("metrics.jsonl"), "a") as metrics, open(own("trajectory.jsonl"), "a") as traj:
         def log(f, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
         def dev_eval(step: int, desc: str) -> float:
-            acc = evaluate(data.dev, desc)
+            acc = evaluate(data.dev, desc) if main else float("nan")  # other ranks wait at the next step
             log(metrics, {"step": step, "dev_acc": acc, "forward_passes": engine.forward_passes})
             return acc
 
@@ -196,30 +229,37 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
                 evals[step] = acc = dev_eval(step, f"dev @ step {step}")
                 if acc > best_acc:
                     best_acc, best_step = acc, step
-                    save_atomically(method, model, run_dir / "best")
+                    save(run_dir / "best")
 
         maybe_eval(engine.step_count)  # an evaluation the killed run may not have finished
         steps = range(engine.step_count, cfg.steps)
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
                          initial=engine.step_count, total=cfg.steps)
         for step in steps:
-            batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)]
+            indices = batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)
+            batch = [data.train[i] for i in cluster.shard(indices)]  # data-parallel: this rank's slice
             try:
                 result = engine.step(lambda: scorer.loss_tensor(batch), cfg.lr)  # a graph only for fo-lora
             except FloatingPointError as exc:
-                raise ZOError(f"{exc} (batch of step {step}); weights restored; resume or inspect "
-                              f"{run_dir}") from None
+                raise ZOError(f"{exc} on batch indices {indices}; weights restored, the {step} steps "
+                              f"before it logged: resume or inspect {run_dir}") from None
             losses.append(result.loss)
             log(traj, {"step": result.step, "seed": cfg.seed, "g": result.grads, "lr": cfg.lr})
+            cluster.check_sync(step + 1, method.params, force=step + 1 == cfg.steps)
             log(metrics, {"step": step + 1, "loss": result.loss, "g": result.grads,
-                          "forward_passes": engine.forward_passes, "time_s": round(time.time() - t0, 3)})
-            if cfg.progress:
+                          "forward_passes": engine.forward_passes, "time_s": round(time.time() - t0, 3),
+                          **cluster.step_stats()})
+            check_loss(losses, cfg.max_loss_ratio, step, indices, run_dir)
+            if cfg.progress and main:
                 recent = losses[-20:]
                 steps.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", fwd=engine.forward_passes)
             maybe_eval(step + 1)
         dev_after = dev_eval(cfg.steps, "dev (final)")
+    cluster.close()
+    if not main:
+        return None
     save_atomically(method, model, run_dir / "adapter")
     if dev_after >= best_acc:
         best_acc, best_step = dev_after, cfg.steps
@@ -239,9 +279,35 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         train_loss_first=sum(head) / len(head), train_loss_last=sum(tail) / len(tail),
         wall_s=time.time() - t0, peak_memory_mb=peak_memory_mb(device),
         trainable_params=method.num_trainable(), adapter=str(run_dir / "adapter"),
+        adapter_bytes=safetensors_bytes(run_dir / "adapter"), trajectory_bytes=(run_dir / "trajectory.jsonl").stat().st_size,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
     return summary
+
+
+LOSS_WINDOW = 10
+
+
+def check_loss(losses: list[float], ratio: float, step: int, indices: list[int], run_dir: Path) -> None:
+    """Stop a diverging run: the mean of the last 10 losses above ``ratio`` x the first 10's.
+
+    Called after the step is logged, so the run directory stays a consistent run of
+    ``step + 1`` steps that ``zotune replay`` rebuilds and ``--resume`` continues.
+    """
+    if not ratio or len(losses) <= LOSS_WINDOW:
+        return
+    first = sum(losses[:LOSS_WINDOW]) / LOSS_WINDOW
+    recent = sum(losses[-LOSS_WINDOW:]) / LOSS_WINDOW
+    require(first <= 0 or recent <= ratio * first,
+            f"loss exploded at step {step}: the last {LOSS_WINDOW} steps average {recent:.4g}, over "
+            f"{ratio:g} x the first {LOSS_WINDOW} steps' {first:.4g} (batch indices {indices}); steps 0-{step} "
+            f"are logged in {run_dir}: inspect them, or start again with a lower lr (max_loss_ratio 0 disables "
+            f"this check)")
+
+
+def safetensors_bytes(path: Path) -> int:
+    """Bytes of the tensors saved in ``path`` (an adapter folder): what the trajectory stands for."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
 def _read_metrics(path: Path, steps_done: int) -> list[dict]:
