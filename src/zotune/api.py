@@ -154,10 +154,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------
     def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
-        """One ZO step: 2·queries calls of ``closure`` (under ``torch.no_grad``); returns the mean loss.
+        """One step of the method; returns the loss measured *before* the update.
 
-        The returned loss is the mean of (L(θ+εz) + L(θ−εz))/2 over queries,
-        the loss at θ to first order, measured *before* the update.
+        For ZO methods ``closure`` is called 2·queries times under ``torch.no_grad``
+        and the loss is the mean of (L(θ+εz) + L(θ−εz))/2 over queries, the loss at
+        θ to first order. Methods with their own step say otherwise in their
+        docstring (``agzo``: one extra unperturbed call that also gives L(θ);
+        ``fo-lora``: one call with autograd on, which must return a tensor).
+        ``self.last.forward_passes`` counts what the step spent.
         """
         if closure is None:
             raise ZOError("ZOOptimizer.step needs a closure returning the loss: opt.step(lambda: loss_fn(batch)); "
