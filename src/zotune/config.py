@@ -62,6 +62,13 @@ class TrainConfig:
     ar1_scaling: str = _f("topology", "AR1-ZO scale: topology (lora_alpha = alpha*r, scale alpha) | canonical (alpha/r) | rslora (alpha/sqrt r)")
     ar1_schedule: str = _f("cyclic", "AR1-ZO atom order: cyclic (k = step mod r) | random")
     ar1_per_layer: bool = _f(False, "AR1-ZO: each layer picks its own atom (seeded offset / independent draw)")
+    # ZO-Act (and any method that calibrates on data) and a quantized frozen base
+    zoact_rank: int = _f(16, "ZO-Act: k, the number of top activation directions U per layer (trainable C is "
+                             "d_out x k); we suggest --optimizer adam --queries 4 and lr ~1e-3")
+    calib_examples: int = _f(32, "calibration examples (seeded, from the training split) run once through the "
+                                 "frozen model by methods that calibrate (zoact)")
+    quantize: str = _f("none", "store the frozen base's linear layers quantized: none | int8 | int4 "
+                               "(torchao weight-only; adapter methods only; int4 needs CUDA)")
     # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
     train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
     dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")
@@ -88,6 +95,9 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
+        require(self.zoact_rank >= 1, f"zoact_rank must be >= 1, got {self.zoact_rank}")
+        require(self.calib_examples >= 1, f"calib_examples must be >= 1, got {self.calib_examples}")
+        require(self.quantize in ("none", "int8", "int4"), f"quantize must be none, int8 or int4, got {self.quantize!r}")
         require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
         from .methods import get_method
         from .optim import OPTIMIZERS
