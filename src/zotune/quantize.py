@@ -82,6 +82,9 @@ def quantize_base(model: nn.Module, mode: str) -> nn.Module:
         raise ZOError(f"--quantize {mode} is not available here: torchao says {why!r}"
                       + ("; int4 weight-only needs CUDA with a bfloat16 model (or the mslk kernels), "
                          "use --quantize int8 on CPU" if mode == "int4" else "")) from None
+    # peft warns that merging into a quantized base needs transformers' TorchAoConfig; zotune
+    # never merges during training, and the saved adapter merges into the full-precision base.
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
     from torchao.utils import TorchAOBaseTensor
 
     done = sum(isinstance(m.weight, TorchAOBaseTensor) for m in linears.values())
