@@ -196,11 +196,11 @@ def test_int8_base_logits_are_close_to_fp32_and_training_lowers_the_loss(tiny_ll
     assert len(wrapped) == 4  # peft wrapped the int8 q_proj/v_proj with its torchao LoRA layer
     with torch.no_grad():
         q8 = opt.model(input_ids=ids).logits  # C = 0: the int8 base itself
-    # Per-channel int8 rounds each weight by at most max|w_row|/254 (~0.4% of the row's scale); through
-    # two layers that moves logits by well under 1% of their spread. 2% of the spread leaves room
-    # while still failing for a broken dequantization (errors of the order of the logits themselves).
-    spread = ref.std().item()
-    assert (q8 - ref).abs().max().item() < 0.02 * spread
+    # Per-channel int8 rounds each weight by at most max|w_row|/254: about 0.5% relative error per layer for
+    # Gaussian-like rows. Independent layers' errors add roughly in quadrature and the (tied) embeddings stay
+    # fp32, so the logits move by ~0.5% (measured 0.45% here). 2% leaves 4x headroom and still fails for any
+    # broken (de)quantization, whose errors are of the order of the logits themselves.
+    assert ((q8 - ref).norm() / ref.norm()).item() < 0.02
     assert not torch.equal(q8, ref)  # it really is quantized
     assert model_bytes(opt.model) < 0.6 * model_bytes(fp32)
     data = synthetic_examples(64)

@@ -104,23 +104,30 @@ def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], batches: S
     that an exactly low-rank X gives an exactly low-rank XᵀX.
     """
     grams: dict[str, Gram] = {}
-    current: dict[str, torch.Tensor | None] = {"mask": None}
+    current: dict = {"mask": None, "last": None}
 
     def hook_for(name: str):
         def hook(module, args):
             x = args[0]
-            mask = current["mask"]
-            if mask is not None:
-                if x.shape[:-1] != mask.shape:
-                    raise ZOError(f"calibration: input of {name} has shape {tuple(x.shape)}, which does not match "
-                                  f"the attention mask {tuple(mask.shape)}; cannot drop padding tokens")
-                x = x[mask]
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            last = current["last"]
+            if last is not None and last[0] is x:  # q/k/v projections read the same tensor: one product for all
+                xtx, n = last[1], last[2]
+            else:
+                rows = x
+                mask = current["mask"]
+                if mask is not None:
+                    if x.shape[:-1] != mask.shape:
+                        raise ZOError(f"calibration: input of {name} has shape {tuple(x.shape)}, which does not "
+                                      f"match the attention mask {tuple(mask.shape)}; cannot drop padding tokens")
+                    rows = x[mask]
+                rows = rows.reshape(-1, x.shape[-1]).to(torch.float64)
+                xtx, n = rows.T @ rows, rows.shape[0]
+                current["last"] = (x, xtx, n)  # holding x keeps its identity from being reused meanwhile
             g = grams.get(name)
             if g is None:
-                g = grams[name] = Gram(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
-            g.xtx.addmm_(x.T, x)
-            g.tokens += x.shape[0]
+                g = grams[name] = Gram(torch.zeros_like(xtx))
+            g.xtx.add_(xtx)
+            g.tokens += n
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
@@ -134,12 +141,14 @@ def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], batches: S
             kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             mask = kwargs.get("attention_mask")
             current["mask"] = mask.bool() if mask is not None else None
+            current["last"] = None
             if hasattr(model, "config"):  # a transformers model: no KV cache to build
                 kwargs.setdefault("use_cache", False)
             model(**kwargs)
     finally:
         for h in handles:
             h.remove()
+        current["last"] = None
     missing = [n for n in modules if n not in grams]
     if missing:
         raise ZOError(f"calibration: the forward pass never reached {missing[0]} (and {len(missing) - 1} more)")
@@ -190,9 +199,12 @@ def activation_bases(model: nn.Module, modules: Mapping[str, nn.Module], batches
     t0 = time.time()
     grams = collect_grams(model, modules, batches, progress)
     bases, energy = {}, {}
+    previous = None  # layers reading the same input (q_proj, v_proj) have equal grams: one eigensolve
     for name, g in grams.items():
-        u, energy[name] = top_basis(g.xtx, k)
-        bases[name] = u.to(torch.float32).contiguous()
+        if previous is None or not torch.equal(previous[0], g.xtx):
+            u, e = top_basis(g.xtx, k)
+            previous = (g.xtx, u.to(torch.float32).contiguous(), e)
+        bases[name], energy[name] = previous[1].clone(), previous[2]
     examples = sum(int(b["input_ids"].shape[0]) for b in batches)
     tokens = next(iter(grams.values())).tokens
     return bases, CalibrationReport(k, examples, tokens, time.time() - t0, energy)
