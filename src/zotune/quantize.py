@@ -14,8 +14,6 @@ the input embeddings, and the scorer reads rows of it directly.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 
 import torch
@@ -27,18 +25,10 @@ MODES = ("none", "int8", "int4")
 
 
 def _torchao():
-    """Import torchao quietly (its import prints warnings about optional kernels this machine lacks)."""
+    """torchao's quantization API, or a clear error naming the extra to install (its import noise is
+    filtered in ``zotune/__init__.py``)."""
     try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import logging
-            level = logging.getLogger("torch").level
-            logging.getLogger("torch").setLevel(logging.ERROR)
-            try:
-                import torchao.quantization as tq
-            finally:
-                logging.getLogger("torch").setLevel(level)
+        import torchao.quantization as tq
     except ImportError:
         raise ZOError("--quantize needs torchao: pip install 'zotune[quant]' (torchao==0.18.0)") from None
     return tq
