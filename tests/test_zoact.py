@@ -215,3 +215,12 @@ def test_int4_on_cpu_fails_with_the_reason():
 
     with pytest.raises(ZOError, match="int4"):
         quantize_base(nn.Sequential(nn.Linear(256, 64)), "int4")
+
+
+def test_an_int8_zoact_run_replays_bit_identically(tiny_llama, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    run = tmp_path / "int8"
+    assert main(cli_args(tiny_llama, run, 3, "--quantize", "int8")) == 0
+    capsys.readouterr()
+    assert main(["replay", str(run)]) == 0  # replay quantizes the base the same way before rebuilding C
+    assert '"bit_identical": true' in capsys.readouterr().out
