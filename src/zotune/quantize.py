@@ -62,10 +62,12 @@ def quantize_base(model: nn.Module, mode: str) -> nn.Module:
     if mode == "int8":
         config = tq.Int8WeightOnlyConfig()
     else:
-        device = next(iter(linears.values())).weight.device
-        fmt = "tile_packed_to_4d" if device.type == "cuda" else "plain"
-        config = tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format=fmt)
+        cuda = next(iter(linears.values())).weight.device.type == "cuda"
+        config = tq.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d" if cuda else "plain")
+    first = next(iter(linears.values())).weight
+    probe = nn.Linear(128, 128, bias=False, device=first.device, dtype=first.dtype)  # the backend, whatever the shapes
     try:
+        tq.quantize_(probe, config)
         tq.quantize_(model, config, filter_fn=lambda m, fqn: id(m) in chosen)
     except (ImportError, NotImplementedError, AssertionError, RuntimeError, ValueError) as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
