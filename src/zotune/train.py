@@ -196,7 +196,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     else:
         run_dir = resume
     method = get_method(cfg.method)(cfg)
-    load_calibration(method, run_dir)  # a resumed run keeps its own basis
+    if resume:
+        load_calibration(method, run_dir)  # a resumed run keeps its own basis (never a stale one from a reused folder)
     model, engine = build_engine(cfg, model, method, run_calibration(cfg, data.train, tok))
     save_calibration(method, run_dir)
     scorer = Scorer(model, tok, cfg.max_length)
