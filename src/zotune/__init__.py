@@ -24,6 +24,19 @@ if TYPE_CHECKING:  # pragma: no cover
 _LAZY = {"ZOOptimizer": "api", "ZOTrainer": "hf_trainer"}
 
 
+def _quiet_torchao_import() -> None:
+    """Drop the warnings torchao's import logs about optional GPU kernels (it is the ``quant`` extra,
+    and peft imports it whenever it is installed): four lines of noise in every run otherwise."""
+    import logging
+
+    noise = ("Failed to load", "is an Enum subclass and is now natively supported")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).addFilter(lambda record: not any(n in record.getMessage() for n in noise))
+
+
+_quiet_torchao_import()
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib

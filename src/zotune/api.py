@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .calibration import Calibration
 from .config import TrainConfig
 from .engine import StepResult
 from .errors import ZOError
@@ -91,6 +92,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         peft_model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
         opt = zotune.ZOOptimizer(peft_model, method="params", lr=1e-3, eps=1e-2)
 
+    ZO-Act (C in W + C·Uᵀ, U from one calibration pass), Adam in C's space, an int8 base::
+
+        from zotune.calibration import calibration_batches
+        calib = calibration_batches(train, tok, n=32, seed=0)
+        opt = zotune.ZOOptimizer(model, method="zoact", optimizer="adam", lr=1e-3, queries=4,
+                                 zoact_rank=16, quantize="int8", calibration=calib)
+
     A non-differentiable objective::
 
         opt.step(lambda: 1.0 - accuracy(model, batch))
@@ -118,9 +126,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         params: only for ``method="params"``: a dict ``{name: tensor}``, an iterable
             of ``(name, tensor)`` pairs or of the model's parameters; None means every
             parameter with ``requires_grad=True``.
+        calibration: for methods that look at data once before training (``"zoact"``):
+            a list of batches, each a dict of model keyword arguments with ``input_ids``
+            and ``attention_mask`` (padding is masked out), or a callable returning
+            them; :func:`zotune.calibration.calibration_batches` builds them from
+            examples and a tokenizer. The result is part of ``state_dict()``, so a
+            resumed optimizer uses the saved basis whatever calibration it was built with.
         **settings: any other :class:`~zotune.config.TrainConfig` field, as in
             ``zotune train --help``: ``lora_r`` (alias ``rank``), ``lora_alpha``,
-            ``target_modules``, ``ar1_scaling``, ``ar1_schedule``, ``weight_decay``,
+            ``target_modules``, ``ar1_scaling``, ``ar1_schedule``, ``zoact_rank``, ``quantize``
+            (``"int8"``: the frozen base stored quantized, needs torchao), ``weight_decay``,
             ``momentum``, ``betas``, ...
 
     Attributes:
@@ -138,7 +153,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, method: str, *, lr: float | None = None, eps: float | None = None,
                  queries: int = 1, optimizer: str = "sgd", seed: int = 0, params: ParamsSpec = None,
-                 **settings: Any):
+                 calibration: Calibration | None = None, **settings: Any):
         if not isinstance(model, nn.Module):
             raise ZOError(f"ZOOptimizer needs the model (an nn.Module), got {type(model).__name__}; "
                           "unlike torch.optim it chooses the trainable tensors itself (method=...)")
@@ -147,7 +162,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.config = cfg = _config(method, lr, eps, queries, optimizer, seed, dict(settings))
         cls = get_method(method)
         self.method = cls(cfg, params=params) if cls is ParamsMethod else cls(cfg)
-        self.model, self.engine = build_engine(cfg, model, self.method)
+        self.model, self.engine = build_engine(cfg, model, self.method, calibration)
         self._optimizer = self.engine.optimizer
         self.last: StepResult | None = None
         super().__init__(list(self.method.params.values()), {"lr": cfg.lr})

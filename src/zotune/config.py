@@ -72,6 +72,14 @@ class TrainConfig:
     agzo_power_iters: int = _f(2, "AGZO: power (subspace) iterations computing A from the step's activations")
     agzo_difference: str = _f("central", "AGZO: central (1+2q forward passes per step) | forward "
                                          "((L+ - L0)/eps, 1+q forward passes)")
+    # ZO-Act (and any method that calibrates on data) and a quantized frozen base
+    zoact_rank: int = _f(16, "ZO-Act: k, the number of top activation directions U per layer (trainable C is "
+                             "d_out x k). Use it with --optimizer adam --lr 1e-3 (what we ran on SmolLM2/SST-2, untuned); "
+                             "--queries 1 is cheapest, more queries (e.g. 4) lower the variance at 2 forwards each")
+    calib_examples: int = _f(32, "calibration examples (seeded, from the training split) run once through the "
+                                 "frozen model by methods that calibrate (zoact)")
+    quantize: str = _f("none", "store the frozen base's linear layers quantized: none | int8 | int4 "
+                               "(torchao weight-only; adapter methods only; int4 needs CUDA)")
     # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
     train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
     dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")
@@ -120,6 +128,10 @@ class TrainConfig:
         require(self.check_sync_every >= 0, f"check_sync_every must be >= 0, got {self.check_sync_every}")
         require(math.isfinite(self.max_loss_ratio) and self.max_loss_ratio >= 0,
                 f"max_loss_ratio must be >= 0 (0 disables it), got {self.max_loss_ratio}")
+        require(self.zoact_rank >= 1, f"zoact_rank must be >= 1, got {self.zoact_rank}")
+        require(self.calib_examples >= 1, f"calib_examples must be >= 1, got {self.calib_examples}")
+        require(self.quantize in ("none", "int8", "int4"), f"quantize must be none, int8 or int4, got {self.quantize!r}")
+        require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
         from .methods import get_method
         from .optim import OPTIMIZERS
         from .tasks import TASKS

@@ -71,15 +71,23 @@ def replay_run(run_dir: Path, out: Path | None = None) -> dict:
 
     from .config import TrainConfig
     from .models import load_model
-    from .train import build_engine, safetensors_bytes, save_atomically
+    from .methods import get_method
+    from .train import (build_engine, load_calibration, run_calibration, safetensors_bytes, save_atomically,
+                        task_data)
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ZOError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
     rows = read_trajectory(run_dir / "trajectory.jsonl")
-    model, engine = build_engine(cfg, load_model(cfg.model)[0])
-    method = engine.method
+    method = get_method(cfg.method)(cfg)
+    load_calibration(method, run_dir)  # the run's own basis; recomputed from its seeded examples if absent
+    model, tok, _ = load_model(cfg.model)
+    calibration = None
+    if method.needs_calibration and not method.calibration:
+        data = task_data(cfg).subsample(cfg.seed, cfg.train_size, cfg.dev_size, cfg.test_size)
+        calibration = run_calibration(cfg, data.train, tok)
+    model, engine = build_engine(cfg, model, method, calibration)
     replay(engine, rows)
     out = Path(out) if out else run_dir / "replayed"
     save_atomically(method, model, out)

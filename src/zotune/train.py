@@ -23,11 +23,13 @@ import torch
 import yaml
 
 from . import distributed
+from .calibration import Calibration, calibration_batches, resolve_batches
 from .config import TrainConfig
 from .errors import ZOError, require
 from .evaluate import Scorer
 from .methods import get_method, prepare_seeded
 from .models import load_model
+from .quantize import quantize_base
 from .replay import read_trajectory, replay
 from .tasks import Example, TaskData, resolve_task
 
@@ -59,16 +61,53 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
-def build_engine(cfg: TrainConfig, model, method=None):
+def build_engine(cfg: TrainConfig, model, method=None, calibration: Calibration | None = None):
     """Prepare ``model`` for ``cfg``'s method (seeded adapter init) and build its ZO engine.
 
     The one place a config becomes (model, engine): ``zotune train``, ``zotune replay``
     and :class:`zotune.ZOOptimizer` all call it, so they build the same run.
+    Order: quantize the frozen base (``cfg.quantize``), calibrate (methods with
+    ``needs_calibration``, unless the method already holds a saved calibration;
+    ``calibration`` is a list of batches or a callable giving them, see
+    :mod:`zotune.calibration`), then prepare.
     Returns ``(prepared model, engine)``; the method is ``engine.method``.
     """
     method = method or get_method(cfg.method)(cfg)
+    if cfg.quantize != "none":
+        require(method.is_adapter, f"--quantize {cfg.quantize}: method {cfg.method!r} trains the base weights, "
+                                   f"which cannot be stored quantized; use an adapter method")
+        quantize_base(model, cfg.quantize)
+    if method.needs_calibration and not method.calibration:
+        method.calibrate(model, resolve_batches(calibration))
     model = prepare_seeded(method, model, cfg.seed)  # the adapter's init is part of the run
     return model, method.build_engine(cfg)
+
+
+def run_calibration(cfg: TrainConfig, train: list[Example], tok):
+    """The calibration data of a run, built only if the method asks: ``cfg.calib_examples`` seeded training prompts."""
+    return lambda: calibration_batches(train, tok, cfg.calib_examples, cfg.seed, cfg.eval_batch_size, cfg.max_length)
+
+
+def save_calibration(method, run_dir: Path) -> None:
+    """Keep what calibration computed in the run directory (resume and replay reuse it, bit for bit)."""
+    if method.calibration:
+        from safetensors.torch import save_file
+
+        tmp = run_dir / ".calibration.safetensors.tmp"
+        save_file({n: t.contiguous() for n, t in method.calibration.items()}, str(tmp))
+        os.replace(tmp, run_dir / "calibration.safetensors")
+        report = getattr(method, "report", None)
+        if report is not None:
+            (run_dir / "calibration.json").write_text(json.dumps(report.__dict__, indent=2))
+
+
+def load_calibration(method, run_dir: Path) -> None:
+    """Give ``method`` the calibration saved in ``run_dir``, if any (before :func:`build_engine`)."""
+    path = run_dir / "calibration.safetensors"
+    if method.needs_calibration and path.exists():
+        from safetensors.torch import load_file
+
+        method.calibration = load_file(path)
 
 
 def task_data(cfg: TrainConfig) -> TaskData:
@@ -178,7 +217,10 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
     if cluster.world > 1:
         say(cluster.describe())
-    model, engine = build_engine(cfg, model)
+    method = get_method(cfg.method)(cfg)
+    if resume:
+        load_calibration(method, resume)  # a resumed run keeps its own basis (never a stale one from a reused folder)
+    model, engine = build_engine(cfg, model, method, run_calibration(cfg, data.train, tok))
     engine, method = cluster.wrap(engine), engine.method
     if resume is None:
         run_dir = cluster.on_main(lambda: make_run_dir(cfg, run_bytes(cfg, method)))
@@ -187,6 +229,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     else:
         run_dir = resume
         check_free_space(run_dir, run_bytes(cfg, method))
+    if main:
+        save_calibration(method, run_dir)
     scorer = Scorer(model, tok, cfg.max_length)
 
     def evaluate(split: list[Example], desc: str) -> float:

@@ -52,10 +52,22 @@ class Method:
     name: ClassVar[str] = ""
     #: True when the trainable tensors are an adapter saved in PEFT format.
     is_adapter: ClassVar[bool] = True
+    #: True when :meth:`prepare` needs :meth:`calibrate` first (a query space chosen from data).
+    needs_calibration: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
         self.params: dict[str, nn.Parameter] = {}
+        #: What calibration computed (flat name -> tensor). A run directory keeps it
+        #: (``calibration.safetensors``) and resume/replay set it back instead of recalibrating.
+        self.calibration: dict[str, torch.Tensor] = {}
+
+    def calibrate(self, model: nn.Module, batches: list) -> None:
+        """Look at data once before :meth:`prepare` (only called when ``needs_calibration``).
+
+        ``batches`` are dicts of model keyword arguments (``input_ids``,
+        ``attention_mask``; see :mod:`zotune.calibration`); fill ``self.calibration``.
+        """
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Freeze the base, add/choose trainable tensors, fill ``self.params``; return the model."""
