@@ -47,6 +47,8 @@ agreed on first, e.g. by all-reducing the activation products).
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -194,6 +196,14 @@ class AGZOEngine(ZOEngine):
 
     def forwards_per_step(self) -> int:
         return 1 + (2 if self.difference == "central" else 1) * self.queries
+
+    def _loss(self, loss_fn: Callable[[], float | torch.Tensor]) -> float:
+        """One counted forward; a non-finite loss stops the step (the caller restores the weights)."""
+        self.forward_passes += 1
+        value = float(self.reduce(float(loss_fn())))
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss {value} at step {self.step_count}")
+        return value
 
     @torch.no_grad()
     def step(self, loss_fn: Callable[[], float | torch.Tensor], lr: float) -> StepResult:
