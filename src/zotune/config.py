@@ -75,6 +75,13 @@ class TrainConfig:
     device: str = _f("auto", "cpu | cuda | auto")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     progress: bool = _f(True, "show progress bars")
+    # forward cost (the forward pass is the whole cost of a ZO step; see zotune.evaluate)
+    scoring: str = _f("restricted", "restricted: logits only for the candidates / answer positions | full: the "
+                                    "model's whole-vocabulary logits (reference; slower, same scores up to a constant)")
+    share_prompt: bool = _f(True, "multi-token candidates: run the prompt once and the candidates on its KV cache")
+    micro_batch_size: int = _f(0, "split each batch into length-sorted chunks of N examples: less padding, same "
+                                  "mean loss (0 = one forward per batch)")
+    compile: bool = _f(False, "torch.compile the model forward (opt-in: compiles on first use and on new shapes)")
 
     def validate(self) -> "TrainConfig":
         """Fail before any work, with the name of the offending setting."""
@@ -89,6 +96,8 @@ class TrainConfig:
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
         require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
+        require(self.scoring in ("restricted", "full"), f"scoring must be restricted or full, got {self.scoring!r}")
+        require(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
         from .methods import get_method
         from .optim import OPTIMIZERS
         from .tasks import TASKS

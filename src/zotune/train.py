@@ -158,7 +158,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         run_dir = resume
     model, engine = build_engine(cfg, model)
     method = engine.method
-    scorer = Scorer(model, tok, cfg.max_length)
+    scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
+                    micro_batch_size=cfg.micro_batch_size, compile=cfg.compile)
 
     def evaluate(split: list[Example], desc: str) -> float:
         return scorer.accuracy(split, cfg.eval_batch_size, progress=cfg.progress, desc=desc)
