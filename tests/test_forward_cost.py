@@ -127,6 +127,15 @@ def test_settings_are_checked_and_reach_the_config(models):
     assert (cfg.scoring, cfg.share_prompt, cfg.micro_batch_size, cfg.compile) == ("full", False, 4, True)
     with pytest.raises(ZOError, match="scoring"):
         TrainConfig(scoring="fast").validate()
+    import argparse
+
+    from zotune.cli import _add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    _add_config_flags(parser)
+    cfg = config_from_args(parser.parse_args(["--compile", "--scoring", "full", "--share-prompt", "false"]))
+    assert (cfg.compile, cfg.scoring, cfg.share_prompt, cfg.progress) == (True, "full", False, True)
 
 
 def test_training_batch_scores_do_not_depend_on_batch_company(models):
