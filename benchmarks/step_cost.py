@@ -21,6 +21,7 @@ memory is measured in fresh subprocesses (a process's peak RSS never goes down).
 
     OMP_NUM_THREADS=1 python benchmarks/step_cost.py --threads 1     # writes benchmarks/results/forward_cost.{json,md}
     python benchmarks/step_cost.py --methods mezo-lora,ar1zo --skip-forward --repeats 5
+    python benchmarks/step_cost.py --compile --skip-forward --skip-steps --out benchmarks/results/forward_cost_compile.json
 """
 
 from __future__ import annotations
@@ -132,10 +133,10 @@ def padding_report(model, tok, batch_size: int, eval_batch_size: int, repeats: i
                                                for k, v in out[task].items()), flush=True)
     timing = {}
     with torch.no_grad():
-        for task in ("rte", "boolq"):
+        for task, micros in (("sst2", (0, 8, 4)), ("rte", (0, 8, 4)), ("boolq", (0, 4))):
             data = load_task(task)
             batch = [data.train[i] for i in batch_indices(len(data.train), batch_size, 0, 0)]
-            scorers = {m: Scorer(model, tok, micro_batch_size=m) for m in (0, 8, 4)}
+            scorers = {m: Scorer(model, tok, micro_batch_size=m) for m in micros}
             losses = {m: s.loss(batch) for m, s in scorers.items()}
             secs = interleaved({m: (lambda s=s: s.loss(batch)) for m, s in scorers.items()}, repeats)
             timing[task] = {f"micro_{m}": {"forward_s": v, "time_vs_one_forward": v / secs[0]} for m, v in secs.items()}
@@ -269,6 +270,8 @@ def markdown(r: dict) -> str:
         lines += ["## torch.compile", "", f"Warm-up calls: {', '.join(f'{w:.1f}' for w in c['warmup_calls_s'])} s; "
                   f"steady forward eager {c['eager_forward_s']:.2f} s vs compiled {c['compiled_forward_s']:.2f} s "
                   f"(ratio {c['compiled_vs_eager']:.2f}); |loss difference| {c['abs_loss_diff']:.1e}.", ""]
+    if "compile_error" in r:
+        lines += ["## torch.compile", "", f"Failed: {r['compile_error']}", ""]
     if "methods" in r:
         inf = r["inference_peak_mb"]
         lines += ["## ZO step / two forward passes, and memory", "",
@@ -307,13 +310,15 @@ def main() -> None:
     if not args.skip_forward:
         model, tok, _ = load_model(args.model)
         results["forward"] = forward_cost(model, tok, args.batch_size, args.repeats)
-        results["padding"] = padding_report(model, tok, args.batch_size, args.eval_batch_size, max(3, args.repeats // 2))
-        if args.compile:
-            try:
-                results["compile"] = compile_cost(model, tok, args.batch_size, args.repeats)
-            except Exception as exc:
-                results["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
-                print("compile failed:", results["compile_error"], flush=True)
+        results["padding"] = padding_report(model, tok, args.batch_size, args.eval_batch_size, max(2, args.repeats // 2))
+        del model
+    if args.compile:
+        model, tok, _ = load_model(args.model)
+        try:
+            results["compile"] = compile_cost(model, tok, args.batch_size, args.repeats)
+        except Exception as exc:
+            results["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            print("compile failed:", results["compile_error"], flush=True)
         del model
     if not args.skip_steps:
         results["methods"], results["skipped"], results["inference_peak_mb"] = step_costs(args)
