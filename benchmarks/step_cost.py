@@ -187,7 +187,11 @@ def time_method(model_name: str, method_name: str, batch_size: int, repeats: int
 
 
 def peak_memory(model_name: str, mode: str, batch_size: int, scoring: str = "restricted") -> float:
-    """Peak memory (MiB) of a fresh process that runs ``mode`` for one step (inference: two forwards)."""
+    """Peak memory (MiB) of a fresh process that runs ``mode`` for one step (inference: two forwards).
+
+    The child reads its own high-water mark (VmHWM): ``ru_maxrss`` survives exec on Linux, so
+    a child of this (large) process would report at least this process's peak.
+    """
     code = (
         "import sys, json; sys.path.insert(0, %r)\n"
         "import torch; torch.set_num_threads(%d)\n"
@@ -196,7 +200,8 @@ def peak_memory(model_name: str, mode: str, batch_size: int, scoring: str = "res
         "scorer, batch, engine = setup(%r, %r, %d, scoring=%r)\n"
         "loss = lambda: scorer.loss(batch)\n"
         "engine.step(loss, lr=1e-6) if engine else (loss(), loss())\n"
-        "print(json.dumps(peak_memory_mb('cpu')))\n"
+        "import re; hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())\n"
+        "print(json.dumps(int(hwm.group(1)) / 1024 if hwm else peak_memory_mb('cpu')))\n"
     ) % (str(Path(__file__).parent), torch.get_num_threads(), model_name, mode, batch_size, scoring)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode:
@@ -213,8 +218,9 @@ def step_costs(args) -> tuple[list, list, dict]:
     rows, skipped = [], []
     for name in names:
         try:
-            row = time_method(args.model, name, args.batch_size, args.repeats)
-            row["train_peak_mb"] = peak_memory(args.model, name, args.batch_size)
+            row = {"method": name, "train_peak_mb": peak_memory(args.model, name, args.batch_size)}
+            if not args.memory_only:
+                row.update(time_method(args.model, name, args.batch_size, args.repeats))
         except Exception as exc:  # a method that needs special setup (calibration data, gradients, ...)
             note = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             skipped.append({"method": name, "error": note})
@@ -223,6 +229,9 @@ def step_costs(args) -> tuple[list, list, dict]:
             continue
         row["memory_ratio"] = row["train_peak_mb"] / inference["restricted"]
         rows.append(row)
+        if args.memory_only:
+            print(f"{name:12s} train/inference memory = {row['memory_ratio']:.3f} ({row['train_peak_mb']:.0f} MiB)")
+            continue
         print(f"{name:12s} step/2fwd = {row['ratio']:.3f}   train/inference memory = {row['memory_ratio']:.3f}"
               f"   ({row['step_s']:.2f}s vs {row['two_forwards_s']:.2f}s; {row['train_peak_mb']:.0f} MiB)", flush=True)
     return rows, skipped, inference
@@ -279,6 +288,9 @@ def markdown(r: dict) -> str:
                   "| method | step / two forwards | step s | two forwards s | train peak MiB | train / inference memory "
                   "| trainable params |", "|---|---|---|---|---|---|---|"]
         for m in r["methods"]:
+            if "ratio" not in m:
+                lines.append(f"| {m['method']} | | | | {m['train_peak_mb']:.0f} | {m['memory_ratio']:.3f} | |")
+                continue
             lines.append(f"| {m['method']} | {m['ratio']:.3f} | {m['step_s']:.2f} | {m['two_forwards_s']:.2f} | "
                          f"{m['train_peak_mb']:.0f} | {m['memory_ratio']:.3f} | {m['trainable_params']:,} |")
         for s in r.get("skipped", []):
@@ -298,6 +310,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow warm-up on CPU)")
     ap.add_argument("--skip-forward", action="store_true", help="only the step / memory part")
     ap.add_argument("--skip-steps", action="store_true", help="only the forward / padding part")
+    ap.add_argument("--memory-only", action="store_true", help="step part: peak memory only, no timing")
     ap.add_argument("--out", default="benchmarks/results/forward_cost.json")
     args = ap.parse_args()
     if args.threads:

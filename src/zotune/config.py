@@ -80,8 +80,10 @@ class TrainConfig:
                                     "model's whole-vocabulary logits (reference; slower, same scores up to a constant)")
     share_prompt: bool = _f(True, "multi-token candidates: run the prompt once and the candidates on its KV cache")
     micro_batch_size: int = _f(0, "split each batch into length-sorted chunks of N examples: less padding, same "
-                                  "mean loss (0 = one forward per batch)")
-    compile: bool = _f(False, "torch.compile the model forward (opt-in: compiles on first use and on new shapes)")
+                                  "mean loss (0 = one forward per batch). On CPU, 4 made SST-2 / RTE batches of 16 "
+                                  "1.7x / 2.0x faster (1 thread); on GPU wide batches are usually better")
+    compile: bool = _f(False, "torch.compile the model forward (opt-in: on CPU the first call took 16 min on a busy "
+                              "machine and the forward was no faster afterwards)")
 
     def validate(self) -> "TrainConfig":
         """Fail before any work, with the name of the offending setting."""
