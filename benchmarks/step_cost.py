@@ -291,8 +291,11 @@ def markdown(r: dict) -> str:
             if "ratio" not in m:
                 lines.append(f"| {m['method']} | | | | {m['train_peak_mb']:.0f} | {m['memory_ratio']:.3f} | |")
                 continue
+            mem = (f"{m['train_peak_mb']:.0f} | {m['memory_ratio']:.3f}" if "train_peak_mb" in m else "(see note) | ")
             lines.append(f"| {m['method']} | {m['ratio']:.3f} | {m['step_s']:.2f} | {m['two_forwards_s']:.2f} | "
-                         f"{m['train_peak_mb']:.0f} | {m['memory_ratio']:.3f} | {m['trainable_params']:,} |")
+                         f"{mem} | {m['trainable_params']:,} |")
+        if r.get("note"):
+            lines.append(f"\nNote: {r['note']}")
         for s in r.get("skipped", []):
             lines.append(f"\nSkipped {s['method']}: {s['error']}")
         lines.append("")
