@@ -40,6 +40,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             "--" + f.name.replace("_", "-"), dest=f.name, default=None,
             metavar={bool: "BOOL", int: "N", float: "X", list: "A,B"}.get(type(default), "TEXT"),
             help=f"{f.metadata['help']} (default: {shown if shown not in ('', []) else 'none'})",
+            **({"nargs": "?", "const": "true"} if isinstance(default, bool) else {}),  # bare --compile = true
         )
 
 

@@ -231,7 +231,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         check_free_space(run_dir, run_bytes(cfg, method))
     if main:
         save_calibration(method, run_dir)
-    scorer = Scorer(model, tok, cfg.max_length)
+    scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
+                    micro_batch_size=cfg.micro_batch_size, compile=cfg.compile)
 
     def evaluate(split: list[Example], desc: str) -> float:
         return scorer.accuracy(split, cfg.eval_batch_size, progress=cfg.progress, desc=desc)

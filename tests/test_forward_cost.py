@@ -1,0 +1,148 @@
+"""The forward pass is the whole cost of a ZO step; the scorer's shortcuts must not change a single score.
+
+* restricted scoring (candidate rows / answer positions only) equals the model's full-vocabulary logits;
+* multiple choice on a shared prompt KV cache equals re-running prompt + candidate;
+* length sorting and micro-batches cut padding and change neither accuracy nor loss.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import FILLER, NEGATIVE, POSITIVE, synthetic_examples
+from zotune.config import TrainConfig
+from zotune.errors import ZOError
+from zotune.evaluate import Scorer, length_sorted_chunks, padding_fraction
+from zotune.models import load_model
+from zotune.tasks import Example
+
+ARCHS = ("llama", "opt", "qwen3", "gpt2")
+
+
+def multiple_choice(n: int, seed: int = 0, varying: bool = False) -> list[Example]:
+    """COPA/ReCoRD-like: prompts of different lengths, multi-token candidates of different lengths
+    (one of them a single token), and with ``varying`` a different number of candidates per example."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = " ".join(rng.choices(FILLER + POSITIVE + NEGATIVE, k=rng.randint(2, 9)))
+        k = rng.randint(2, 4) if varying else 2
+        cands = tuple(" " + " ".join(rng.choices(POSITIVE + NEGATIVE + FILLER, k=rng.randint(1, 4))) for _ in range(k))
+        out.append(Example(prompt, cands, rng.randrange(k)))
+    return out
+
+
+def varied_sentiment(n: int, seed: int = 0) -> list[Example]:
+    """Single-token candidates, prompts from 3 to 14 words: batches carry real padding."""
+    rng = random.Random(seed)
+    return [Example(" ".join(rng.choices(FILLER + POSITIVE + NEGATIVE, k=rng.randint(2, 13))) + " It was",
+                    (" terrible", " great"), rng.randrange(2)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    return {a: load_model(str(tiny_models[a]))[:2] for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_restricted_scoring_equals_full_vocabulary_logits(models, arch):
+    model, tok = models[arch]
+    single = varied_sentiment(12)
+    restricted, full = Scorer(model, tok), Scorer(model, tok, scoring="full")
+    # single-token candidates: restricted scores are logits, full ones log-probs; they differ by the
+    # per-example normalizer only, so the candidates' log-probs among themselves are identical
+    r, f = restricted.scores(single), full.scores(single)
+    assert r.shape == f.shape == (12, 2)
+    diff = r - f
+    assert torch.allclose(diff, diff[:, :1].expand_as(diff), atol=1e-5)
+    assert torch.allclose(restricted.candidate_logprobs(single), full.candidate_logprobs(single), atol=1e-5)
+    assert restricted.loss(single) == pytest.approx(full.loss(single), abs=1e-5)
+    # multi-token candidates: both are mean per-token log-likelihoods, equal outright
+    mc = multiple_choice(10, varying=True)
+    for share in (True, False):
+        r = Scorer(model, tok, share_prompt=share).scores(mc)
+        f = Scorer(model, tok, scoring="full", share_prompt=share).scores(mc)
+        assert torch.equal(torch.isinf(r), torch.isinf(f))
+        assert torch.allclose(r, f, atol=1e-5)
+        assert (r[~torch.isinf(r)] < 0).all()  # log-likelihoods
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("scoring", ["restricted", "full"])
+def test_shared_prompt_kv_cache_equals_recomputation(models, arch, scoring):
+    model, tok = models[arch]
+    for examples in (multiple_choice(9), multiple_choice(9, seed=1, varying=True)):
+        shared = Scorer(model, tok, scoring=scoring, share_prompt=True).scores(examples)
+        again = Scorer(model, tok, scoring=scoring, share_prompt=False).scores(examples)
+        assert torch.equal(torch.isinf(shared), torch.isinf(again))
+        assert torch.allclose(shared, again, atol=1e-4)
+        # and each example alone (no padding at all) gives the same candidate log-probs as in the
+        # padded batch (alone, an example whose candidates happen to be single tokens takes the
+        # single-token path, whose scores are logits: equal up to a constant, hence the normalization)
+        scorer = Scorer(model, tok, scoring=scoring)
+        for row, e in enumerate(examples):
+            k = len(e.candidates)
+            assert torch.allclose(torch.log_softmax(shared[row, :k], -1), scorer.candidate_logprobs([e])[0],
+                                  atol=1e-4)
+
+
+def test_sorting_cuts_padding_and_keeps_accuracy(models):
+    model, tok = models["llama"]
+    scorer = Scorer(model, tok)
+    examples = varied_sentiment(40, seed=3)
+    lengths = [scorer.length(e) for e in examples]
+    arrival = [list(range(i, min(i + 8, 40))) for i in range(0, 40, 8)]
+    sorted_ = length_sorted_chunks(lengths, 8)
+    assert sorted(i for b in sorted_ for i in b) == list(range(40))
+    assert 0 <= padding_fraction(lengths, sorted_) < padding_fraction(lengths, arrival)
+    assert padding_fraction([5, 5], [[0, 1]]) == 0.0 and padding_fraction([1, 3], [[0, 1]]) == pytest.approx(1 / 3)
+    accs = {scorer.accuracy(examples, 8, sort=True), scorer.accuracy(examples, 8, sort=False),
+            scorer.accuracy(examples, 1)}
+    assert len(accs) == 1
+    mc = multiple_choice(20, varying=True)
+    assert scorer.accuracy(mc, 6, sort=True) == scorer.accuracy(mc, 6, sort=False) == scorer.accuracy(mc, 1)
+
+
+@pytest.mark.parametrize("examples", [varied_sentiment(16, seed=5), multiple_choice(16, seed=5, varying=True)],
+                         ids=["single-token", "multiple-choice"])
+def test_micro_batches_give_the_same_loss_with_less_padding(models, examples):
+    model, tok = models["qwen3"]
+    whole, chunked = Scorer(model, tok), Scorer(model, tok, micro_batch_size=4)
+    assert torch.allclose(whole.scores(examples), chunked.scores(examples), atol=1e-5)
+    assert chunked.loss(examples) == pytest.approx(whole.loss(examples), abs=1e-6)
+    lengths = [whole.length(e) for e in examples]
+    assert padding_fraction(lengths, length_sorted_chunks(lengths, 4)) <= padding_fraction(lengths, [list(range(16))])
+
+
+def test_settings_are_checked_and_reach_the_config(models):
+    model, tok = models["llama"]
+    with pytest.raises(ZOError, match="scoring"):
+        Scorer(model, tok, scoring="fast")
+    with pytest.raises(ZOError, match="micro_batch_size"):
+        Scorer(model, tok, micro_batch_size=-1)
+    cfg = TrainConfig.from_dict({"scoring": "full", "share_prompt": "false", "micro_batch_size": 4, "compile": "true"})
+    assert (cfg.scoring, cfg.share_prompt, cfg.micro_batch_size, cfg.compile) == ("full", False, 4, True)
+    with pytest.raises(ZOError, match="scoring"):
+        TrainConfig(scoring="fast").validate()
+    import argparse
+
+    from zotune.cli import _add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    _add_config_flags(parser)
+    cfg = config_from_args(parser.parse_args(["--compile", "--scoring", "full", "--share-prompt", "false"]))
+    assert (cfg.compile, cfg.scoring, cfg.share_prompt, cfg.progress) == (True, "full", False, True)
+
+
+def test_training_batch_scores_do_not_depend_on_batch_company(models):
+    """Right padding + explicit positions: an example's score is the same alone and in any batch."""
+    model, tok = models["gpt2"]
+    examples = synthetic_examples(6) + varied_sentiment(6)
+    scorer = Scorer(model, tok)
+    together = scorer.scores(examples)
+    alone = torch.cat([scorer.scores([e]) for e in examples])
+    assert torch.allclose(together, alone, atol=1e-5)
