@@ -121,6 +121,9 @@ class Scorer:
     @torch.no_grad()
     def loss(self, examples: Sequence[Example]) -> float:
         """Cross-entropy over candidates, averaged over the batch."""
+        if examples and examples[0].answers:  # generation (SQuAD): teacher-forced answer NLL, see zotune.generation
+            from .generation import teacher_forcing_loss
+            return teacher_forcing_loss(self.model, self.tok, examples, self.max_length)
         labels = torch.tensor([e.label for e in examples], device=self._device())
         return float(F.cross_entropy(self.scores(examples), labels))
 
