@@ -49,7 +49,29 @@ def write_tables(result: dict, out: Path) -> None:
               for r in result["rows"]]
     if result.get("failed"):
         lines += ["", "Not scored: " + "; ".join(f"{t}: {why}" for t, why in result["failed"].items())]
+    if result.get("pending"):
+        lines += ["", "Not run yet (the run stopped or is still going): " + ", ".join(result["pending"])]
     (out / "zero_shot.md").write_text("\n".join(lines) + "\n")
+
+
+def score_task(scorer, task: str, n: int, seed: int, data_dir: str = "", batch_size: int = 16) -> dict:
+    """One row of the table: the task's test split (else dev), at most ``n`` examples sampled with ``seed``."""
+    import torch
+
+    from zotune.errors import ZOError
+    from zotune.metrics import is_generation, score_split
+    from zotune.tasks import load_task
+
+    data = load_task(task, Path(data_dir) if data_dir else None)
+    split = "test" if data.test else "dev"
+    examples = getattr(data.subsample(seed, n, n, n), split)
+    if is_generation(examples):
+        raise ZOError("a generation task (scored with F1, not in this table)")
+    t0 = time.time()
+    with torch.no_grad():
+        score = score_split(scorer, examples, batch_size)
+    return {"task": task, "metric": score.metric, "value": score.value, "n": score.n, "split": split,
+            "seconds": round(time.time() - t0, 1)}
 
 
 def run(model: str = "smollm2-135m", tasks: list[str] | None = None, n: int = 500, seed: int = 0,
@@ -59,9 +81,7 @@ def run(model: str = "smollm2-135m", tasks: list[str] | None = None, n: int = 50
 
     from zotune.errors import ZOError
     from zotune.evaluate import Scorer
-    from zotune.metrics import is_generation, score_split
     from zotune.models import load_model
-    from zotune.tasks import load_task
 
     torch.set_num_threads(threads)
     net, tok, kind = load_model(model, device="cpu")
@@ -69,27 +89,18 @@ def run(model: str = "smollm2-135m", tasks: list[str] | None = None, n: int = 50
         raise ZOError(f"model {model!r} is an encoder; zero-shot prompting needs a causal LM")
     scorer = Scorer(net, tok, max_length)
     result = {"model": model, "n_max": n, "seed": seed, "max_length": max_length, "threads": threads,
-              "rows": [], "failed": {}}
-    for task in tasks or classification_tasks():
+              "rows": [], "failed": {}, "pending": list(tasks or classification_tasks())}
+    for task in list(result["pending"]):
         try:
-            data = load_task(task, Path(data_dir) if data_dir else None)
-        except ZOError as exc:  # data absent: say so in the table, go on
+            row = score_task(scorer, task, n, seed, data_dir, batch_size)
+        except ZOError as exc:  # data absent, or not a classification task: say so in the table, go on
             result["failed"][task] = str(exc)
             say(f"{task:16s} skipped: {exc}")
-            write_tables(result, Path(out))
-            continue
-        split = "test" if data.test else "dev"
-        examples = getattr(data.subsample(seed, n, n, n), split)
-        if is_generation(examples):
-            result["failed"][task] = "generation task (not classification)"
-            continue
-        t0 = time.time()
-        with torch.no_grad():
-            score = score_split(scorer, examples, batch_size)
-        row = {"task": task, "metric": score.metric, "value": score.value, "n": score.n, "split": split,
-               "seconds": round(time.time() - t0, 1)}
-        result["rows"].append(row)
-        say(f"{task:16s} {split:4s} n={score.n:<4d} {score.metric} {score.value:.3f}  ({row['seconds']:.0f} s)")
+        else:
+            result["rows"].append(row)
+            say(f"{task:16s} {row['split']:4s} n={row['n']:<4d} {row['metric']} {row['value']:.3f}  "
+                f"({row['seconds']:.0f} s)")
+        result["pending"].remove(task)
         write_tables(result, Path(out))
     return result
 

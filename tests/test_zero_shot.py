@@ -32,7 +32,7 @@ def test_table_covers_every_classification_task_and_no_generation_task():
 @needs_data
 def test_zero_shot_table_on_the_tiny_model(tiny_llama, tmp_path):
     zs = load_script()
-    code = zs.main(["--model", str(tiny_llama), "--tasks", "cb,record,nope-missing", "--n", "4",
+    code = zs.main(["--model", str(tiny_llama), "--tasks", "cb,record,squad,nope-missing", "--n", "4",
                     "--data-dir", str(SHARED_DATA), "--out", str(tmp_path), "--max-length", "64"])
     assert code == 0
     result = json.loads((tmp_path / "zero_shot.json").read_text())
@@ -40,8 +40,9 @@ def test_zero_shot_table_on_the_tiny_model(tiny_llama, tmp_path):
     assert set(rows) == {"cb", "record"}
     assert rows["cb"]["split"] == "test" and rows["record"]["split"] == "dev"  # ReCoRD has no test split offline
     assert all(r["n"] == 4 and r["metric"] == "accuracy" and 0.0 <= r["value"] <= 1.0 for r in rows.values())
-    assert result["seed"] == 0 and result["n_max"] == 4 and result["threads"] == 1
-    assert "nope-missing" not in rows and "unknown task" in result["failed"]["nope-missing"]  # reported, not scored
+    assert result["seed"] == 0 and result["n_max"] == 4 and result["threads"] == 1 and result["pending"] == []
+    assert "unknown task" in result["failed"]["nope-missing"]  # reported, not scored
+    assert "generation task" in result["failed"]["squad"]
     md = (tmp_path / "zero_shot.md").read_text()
     assert "| task | metric | value | n | split | seconds |" in md
     assert f"| cb | accuracy | {rows['cb']['value']:.3f} | 4 | test |" in md
