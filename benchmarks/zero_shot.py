@@ -43,10 +43,10 @@ def write_tables(result: dict, out: Path) -> None:
              f"(SuperGLUE: the validation set, MeZO's protocol), else dev; n <= {result['n_max']} sampled with seed "
              f"{result['seed']}; prompts keep their last {result['max_length']} tokens; {result['threads']} thread(s).",
              "",
-             "| task | metric | value | n | split | seconds |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['metric']} | {r['value']:.3f} | {r['n']} | {r['split']} | {r['seconds']:.0f} |"
-              for r in result["rows"]]
+             "| task | metric | value | majority class | n | split | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['metric']} | {r['value']:.3f} | {r['majority']:.3f} | {r['n']} | {r['split']} "
+              f"| {r['seconds']:.0f} |" for r in result["rows"]]
     if result.get("failed"):
         lines += ["", "Not scored: " + "; ".join(f"{t}: {why}" for t, why in result["failed"].items())]
     if result.get("pending"):
@@ -71,7 +71,13 @@ def score_task(scorer, task: str, n: int, seed: int, data_dir: str = "", batch_s
     with torch.no_grad():
         score = score_split(scorer, examples, batch_size)
     return {"task": task, "metric": score.metric, "value": score.value, "n": score.n, "split": split,
-            "seconds": round(time.time() - t0, 1)}
+            "seconds": round(time.time() - t0, 1), "majority": majority(examples)}
+
+
+def majority(examples) -> float:
+    """Accuracy of always answering the most frequent gold label of the sample: the floor to beat."""
+    labels = [e.label for e in examples]
+    return max(labels.count(x) for x in set(labels)) / len(labels)
 
 
 def run(model: str = "smollm2-135m", tasks: list[str] | None = None, n: int = 500, seed: int = 0,

@@ -44,5 +44,6 @@ def test_zero_shot_table_on_the_tiny_model(tiny_llama, tmp_path):
     assert "unknown task" in result["failed"]["nope-missing"]  # reported, not scored
     assert "generation task" in result["failed"]["squad"]
     md = (tmp_path / "zero_shot.md").read_text()
-    assert "| task | metric | value | n | split | seconds |" in md
-    assert f"| cb | accuracy | {rows['cb']['value']:.3f} | 4 | test |" in md
+    assert "| task | metric | value | majority class | n | split | seconds |" in md
+    assert f"| cb | accuracy | {rows['cb']['value']:.3f} | {rows['cb']['majority']:.3f} | 4 | test |" in md
+    assert 0.5 <= rows["cb"]["majority"] <= 1.0  # 4 examples, 3 classes: at least 2 share a label
