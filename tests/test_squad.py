@@ -49,7 +49,7 @@ def test_f1_is_the_harmonic_mean_of_word_precision_and_recall():
     assert f1("Denver Broncos won", "the Denver Broncos") == pytest.approx(0.8)
     # pred {broncos} vs gold {denver, broncos}: P = 1, R = 1/2 -> 2/3
     assert f1("Broncos", "Denver Broncos") == pytest.approx(2 / 3)
-    # repeated words count with multiplicity: pred {a.. no: "go go go"} vs gold "go": shared 1, P = 1/3, R = 1 -> 0.5
+    # words count with multiplicity: "go go go" vs "go" shares 1 word: P = 1/3, R = 1 -> F1 = 0.5
     assert f1("go go go", "go") == pytest.approx(0.5)
     assert f1("Carolina Panthers", "Denver Broncos") == 0.0
     assert f1("", "Denver Broncos") == 0.0
