@@ -81,8 +81,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluate import Scorer
+    from .metrics import score_split
     from .models import load_model
     from .tasks import resolve_task
+    from .tasks.icl import with_demonstrations
     from .train import pick_device
 
     device = pick_device(args.device)
@@ -91,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not split:
         raise ZOError(f"task {args.task!r} has no {args.split} split")
     examples = getattr(data.subsample(args.seed, args.size, args.size, args.size), args.split)
+    examples = with_demonstrations(examples, data.train, args.icl, args.seed)  # --icl 0: unchanged
     model, tok, kind = load_model(args.model, device=device)
     if kind != "causal":
         raise ZOError(f"model {args.model!r} is an encoder; prompt scoring needs a causal LM for now")
@@ -101,9 +104,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ZOError(f"{args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, args.adapter).eval()
     with torch.no_grad():
-        acc = Scorer(model, tok, args.max_length).accuracy(examples, args.batch_size, progress=True, desc=args.split)
-    result = {"task": args.task, "split": args.split, "metric": "accuracy", "value": acc, "n": len(examples),
-              "model": args.model, "adapter": args.adapter or None}
+        score = score_split(Scorer(model, tok, args.max_length), examples, args.batch_size, progress=True,
+                            desc=args.split)
+    result = {"task": args.task, "split": args.split, "metric": score.metric, "value": score.value,
+              **score.extra, "n": len(examples), "icl": args.icl, "model": args.model,
+              "adapter": args.adapter or None}
     print(json.dumps(result))
     return 0
 
@@ -127,10 +132,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from .tasks import TASKS
+    from .tasks.catalog import format_table, task_table
 
-    for name, (_, description) in sorted(TASKS.items()):
-        print(f"  {name:18s} {description}")
+    rows = task_table(Path(args.data_dir) if args.data_dir else None)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     return 0
 
 
@@ -245,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="accuracy of a model (zero-shot, or with a saved adapter) on a task split")
+    p = sub.add_parser("eval", help="accuracy (SQuAD: F1/EM) of a model (zero-shot, or with a saved adapter) on a task split")
     p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")
     p.add_argument("--task", default="rotten-tomatoes", help="task name or YAML task file (default: rotten-tomatoes)")
     p.add_argument("--data-dir", default="", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
@@ -256,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="evaluation batch size (default: 32)")
     p.add_argument("--max-length", type=int, default=256, help="max prompt tokens (default: 256)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
+    p.add_argument("--icl", type=int, default=0, metavar="N",
+                   help="in-context learning: prepend N solved train examples (drawn with --seed) to every prompt "
+                        "(default: 0, zero-shot); raise --max-length to fit them")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -318,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare", nargs="+", metavar="NAME", help="convert/prepare these named models now")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("tasks", help="list the tasks")
+    p = sub.add_parser("tasks", help="list the tasks with their splits, sizes and source files")
+    p.add_argument("--data-dir", default="", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("methods", help="list the ZO methods")

@@ -275,14 +275,18 @@ class Scorer:
     # -- what training and evaluation use ------------------------------------------------
     @torch.no_grad()
     def loss(self, examples: Sequence[Example]) -> float:
-        """Cross-entropy over candidates, averaged over the batch."""
+        """Cross-entropy over candidates (generation: answer NLL), averaged over the batch."""
         return float(self.loss_tensor(examples))
 
     def loss_tensor(self, examples: Sequence[Example]) -> torch.Tensor:
         """:meth:`loss` as a 0-d tensor, differentiable when grad mode is on (first-order training).
 
         Under a ZO step (``no_grad``) it is the same number as :meth:`loss`.
+        Generation examples (SQuAD) give the teacher-forced NLL of the answer.
         """
+        if examples and examples[0].answers:  # generation: see zotune.generation
+            from .generation import teacher_forcing_loss
+            return teacher_forcing_loss(self.model, self.tok, examples, self.max_length)
         labels = torch.tensor([e.label for e in examples], device=self._device())
         return F.cross_entropy(self.scores(examples), labels)
 

@@ -27,6 +27,7 @@ from .calibration import Calibration, calibration_batches, resolve_batches
 from .config import TrainConfig
 from .errors import ZOError, require
 from .evaluate import Scorer
+from .metrics import metric_name, score_split
 from .methods import get_method, prepare_seeded
 from .models import load_model
 from .quantize import quantize_base
@@ -169,15 +170,16 @@ class Summary:
     adapter: str
     adapter_bytes: int = 0
     trajectory_bytes: int = 0
+    metric: str = "accuracy"  # the task's metric (SQuAD: f1), which dev_* and test_after are in
 
     def text(self) -> str:
         lines = [
             f"zotune: {self.method} on {self.task} ({self.model})",
-            f"  dev accuracy      {self.dev_before:.3f} -> {self.dev_after:.3f}"
+            f"  dev {self.metric:<14s}{self.dev_before:.3f} -> {self.dev_after:.3f}"
             f"   (best {self.dev_best:.3f} at step {self.best_step})",
         ]
         if self.test_after is not None:
-            lines.append(f"  test accuracy     {self.test_after:.3f}")
+            lines.append(f"  test {self.metric:<13s}{self.test_after:.3f}")
         lines += [
             f"  train loss        {self.train_loss_first:.4f} (first 10 steps) -> {self.train_loss_last:.4f} (last 10)",
             f"  forward passes    {self.forward_passes} in {self.steps} steps",
@@ -234,8 +236,15 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
                     micro_batch_size=cfg.micro_batch_size, compile=cfg.compile)
 
+    metric = metric_name(data.dev)
+    extra: dict[str, float] = {}  # the last evaluation's other metrics (SQuAD: em), logged beside dev_acc
+
     def evaluate(split: list[Example], desc: str) -> float:
-        return scorer.accuracy(split, cfg.eval_batch_size, progress=cfg.progress, desc=desc)
+        """The task's metric on ``split`` (accuracy; SQuAD F1), logged as ``dev_acc`` whatever it is."""
+        score = score_split(scorer, split, cfg.eval_batch_size, progress=cfg.progress, desc=desc)
+        extra.clear()
+        extra.update({f"dev_{k}": v for k, v in score.extra.items()})
+        return score.value
 
     done = read_trajectory(run_dir / "trajectory.jsonl") if resume else []
     records = _read_metrics(run_dir / "metrics.jsonl", len(done)) if resume else []
@@ -259,13 +268,14 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
 
         def dev_eval(step: int, desc: str) -> float:
             acc = evaluate(data.dev, desc) if main else float("nan")  # other ranks wait at the next step
-            log(metrics, {"step": step, "dev_acc": acc, "forward_passes": engine.forward_passes})
+            log(metrics, {"step": step, "dev_acc": acc, **({"metric": metric, **extra} if metric != "accuracy" else {}),
+                          "forward_passes": engine.forward_passes})
             return acc
 
         if 0 not in evals:
             evals[0] = dev_eval(0, "dev (zero-shot)")
         dev_before = evals[0]
-        say(f"zotune: zero-shot dev accuracy {dev_before:.3f}; training {method.num_trainable():,} params "
+        say(f"zotune: zero-shot dev {metric} {dev_before:.3f}; training {method.num_trainable():,} params "
             f"with {cfg.method}")
 
         def maybe_eval(step: int) -> None:
@@ -323,7 +333,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         test_after=test_after, steps=cfg.steps, forward_passes=engine.forward_passes,
         train_loss_first=sum(head) / len(head), train_loss_last=sum(tail) / len(tail),
         wall_s=time.time() - t0, peak_memory_mb=peak_memory_mb(device),
-        trainable_params=method.num_trainable(), adapter=str(run_dir / "adapter"),
+        trainable_params=method.num_trainable(), adapter=str(run_dir / "adapter"), metric=metric,
         adapter_bytes=safetensors_bytes(run_dir / "adapter"), trajectory_bytes=(run_dir / "trajectory.jsonl").stat().st_size,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))

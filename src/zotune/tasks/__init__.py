@@ -3,13 +3,13 @@
 Registered tasks (``zotune tasks`` lists them): rotten-tomatoes and sst2
 (:mod:`.sentiment`), sst2-glue (:mod:`.sentiment`), the SuperGLUE tasks with
 MeZO's prompts (:mod:`.superglue`) and the LM-BFF k-shot suite
-(:mod:`.lmbff`). The user's own files load through :func:`load_user_files` and
+(:mod:`.lmbff`) and SQuAD v1.1 as generation (:mod:`.squad`). The user's own files load through :func:`load_user_files` and
 :func:`load_task_file` (:mod:`.files`), which register nothing.
 """
 
 from ..errors import ZOError
 from .base import TASKS, Example, TaskData, load_task, register_task
-from . import sentiment, superglue, lmbff  # noqa: F401  (registration side effects)
+from . import sentiment, superglue, lmbff, squad  # noqa: F401  (registration side effects)
 from .files import load_task_file, load_user_files
 from .lmbff import lmbff_task
 

@@ -26,11 +26,17 @@ class Example:
     after a prompt that ends in a newline it does not (``"... Yes or No?\\n"`` +
     ``"Yes"``), as in MeZO's templates. Tokenizing the two parts separately then
     gives the same tokens as tokenizing the joined text.
+
+    A generation example (SQuAD) has no candidates and ``label`` 0; ``answers``
+    holds its gold texts (the first is the training target, all count for the
+    metric): training teacher-forces the answer and evaluation decodes greedily
+    (:mod:`zotune.generation`, :mod:`zotune.metrics`).
     """
 
     prompt: str
     candidates: tuple[str, ...]
     label: int
+    answers: tuple[str, ...] = ()
 
 
 @dataclass
