@@ -6,7 +6,7 @@ compares the objective at θ+εz and θ−εz, so it climbs it anyway, if more s
 than a smooth loss: a slope is non-zero only when the perturbation flips a
 prediction, hence the larger batch and eps.
 
-    python examples/nondiff.py                 # ~4 min on a laptop CPU
+    python examples/nondiff.py                 # a few minutes on a 2-core CPU (see README)
     python examples/nondiff.py --steps 50 --model path/to/hf-folder
 """
 import argparse
@@ -19,8 +19,8 @@ from zotune.tasks import load_task
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m", help="named model or local Hugging Face folder")
-parser.add_argument("--steps", type=int, default=100)
-parser.add_argument("--batch-size", type=int, default=48)
+parser.add_argument("--steps", type=int, default=50)
+parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--dev-size", type=int, default=200)
 args = parser.parse_args()
 

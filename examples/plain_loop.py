@@ -1,6 +1,6 @@
 """Fine-tune SmolLM2-135M with AR1-ZO from a plain PyTorch loop: zotune.ZOOptimizer.
 
-    python examples/plain_loop.py              # ~3 min on a laptop CPU
+    python examples/plain_loop.py              # a few minutes on a 2-core CPU (see README)
     python examples/plain_loop.py --steps 50 --model path/to/hf-folder
 """
 import argparse
@@ -13,7 +13,7 @@ from zotune.tasks import load_task
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m", help="named model or local Hugging Face folder")
-parser.add_argument("--steps", type=int, default=200)
+parser.add_argument("--steps", type=int, default=100)
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--dev-size", type=int, default=200)
 parser.add_argument("--out", default="runs/plain-loop/adapter", help="where the PEFT adapter is saved")
@@ -22,7 +22,9 @@ args = parser.parse_args()
 data = load_task("rotten-tomatoes").subsample(seed=0, train=1000, dev=args.dev_size, test=None)
 model, tok, _ = load_model(args.model)
 opt = zotune.ZOOptimizer(model, method="ar1zo", lr=1.5e-2, eps=1e-2, lora_r=8, lora_alpha=2, seed=0)
-scorer = Scorer(opt.model, tok)  # opt.model is the model with its peft LoRA adapter
+# opt.model is the model with its peft LoRA adapter; micro-batches of 4 length-sorted prompts
+# halve the forward time on a CPU (less padding) and give the same loss
+scorer = Scorer(opt.model, tok, micro_batch_size=4)
 print(f"dev accuracy before: {scorer.accuracy(data.dev):.3f}")
 rng = random.Random(0)
 for step in range(args.steps):

@@ -4,7 +4,7 @@ Your TrainingArguments, datasets, collator, logging and checkpoints stay as they
 are; ZOTrainer swaps the backward pass for a zeroth-order step (AR1-ZO here).
 The loss is the Trainer's own: the LM loss of the answer word after the prompt.
 
-    python examples/trainer.py                 # ~3 min on a laptop CPU
+    python examples/trainer.py                 # a few minutes on a 2-core CPU (see README)
     python examples/trainer.py --steps 50 --model path/to/hf-folder
 """
 import argparse
@@ -19,7 +19,7 @@ from zotune.tasks import load_task
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="smollm2-135m", help="named model or local Hugging Face folder")
-parser.add_argument("--steps", type=int, default=200)
+parser.add_argument("--steps", type=int, default=100)
 parser.add_argument("--batch-size", type=int, default=16)
 parser.add_argument("--dev-size", type=int, default=200)
 parser.add_argument("--out", default="runs/zo-trainer", help="Trainer output_dir (checkpoints)")
