@@ -21,7 +21,7 @@ from zotune.distributed import Cluster
 SRC = Path(zotune.__file__).resolve().parents[1]
 
 
-def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
@@ -62,16 +62,19 @@ WORKER = textwrap.dedent("""
         assert main(args) == 0
 
     rank = dist.get_rank()
+    # each rank reports into its own file: two ranks printing to one pipe may interleave
+    log = open(sys.argv[2] + f".{rank}", "w")
+    say = lambda *a: print(*a, file=log, flush=True)
     c = Cluster(rank, 2, "query", check_sync_every=1)
     # 3 queries over 2 ranks: rank 0 has queries 0 and 2, rank 1 has query 1 (and pads)
     mine = [(q, 10.0 * q, float(q)) for q in range(rank, 3, 2)]
-    print(f"rank {rank} gathered", c._gather_queries(mine, 3), flush=True)
+    say(f"rank {rank} gathered", c._gather_queries(mine, 3))
     c.check_sync(1, {"w": torch.ones(3)})
-    print(f"rank {rank} same params pass", flush=True)
+    say(f"rank {rank} same params pass")
     try:
         c.check_sync(2, {"w": torch.ones(3) + rank * 1e-3})
     except ZOError as exc:
-        print(f"rank {rank} caught:", exc, flush=True)
+        say(f"rank {rank} caught:", exc)
     dist.destroy_process_group()
 """)
 
@@ -84,7 +87,7 @@ def runs(tiny_llama, tmp_path_factory):
     script.write_text(WORKER)
     two = [train_args(tiny_llama, tmp / "data2", "--parallel", "data"),
            train_args(tiny_llama, tmp / "query2", "--queries", "2", "--parallel", "query")]
-    launch = torchrun(str(script), json.dumps(two))
+    launch = torchrun(str(script), json.dumps(two), str(tmp / "ranks"))
     assert launch.returncode == 0, launch.stderr[-3000:]
     assert main(train_args(tiny_llama, tmp / "data1")) == 0
     assert main(train_args(tiny_llama, tmp / "query1", "--queries", "2")) == 0
@@ -126,8 +129,9 @@ def test_query_parallel_run_is_the_one_process_run_bit_for_bit(runs, capsys):
 
 
 def test_query_gather_pads_uneven_ranks_and_a_parameter_mismatch_stops_every_rank(runs):
-    _, out = runs
+    tmp, _ = runs
     for rank in (0, 1):
+        out = (tmp / f"ranks.{rank}").read_text()
         assert f"rank {rank} gathered [(0, 0.0, 0.0), (1, 10.0, 1.0), (2, 20.0, 2.0)]" in out
         assert f"rank {rank} same params pass" in out
         assert f"rank {rank} caught: parameters differ across ranks after step 2" in out
