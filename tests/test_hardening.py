@@ -204,8 +204,8 @@ def fake_losses(monkeypatch, values):
 
     def loss(self, batch):
         calls.append(len(batch))
-        return values[min(len(calls), len(values)) - 1]
-    monkeypatch.setattr(zotune.train.Scorer, "loss", loss)
+        return torch.tensor(values[min(len(calls), len(values)) - 1])
+    monkeypatch.setattr(zotune.train.Scorer, "loss_tensor", loss)  # what the recipe's steps call
 
 
 def test_guards_an_exploding_loss_stops_the_run_at_a_step_that_replay_and_resume_accept(tiny_llama, tmp_path, capsys,
