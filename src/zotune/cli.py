@@ -143,7 +143,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import METHODS
 
     for name, cls in sorted(METHODS.items()):
-        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        # a class's own docstring where one file registers two names (lozo / lozo-m), else its module's
+        doc = (cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"  {name:12s} {doc}")
     return 0
 

@@ -60,6 +60,8 @@ def gaussian(shape: tuple[int, ...], seed: int, like: torch.Tensor) -> torch.Ten
 
 @register
 class LOZO(MeZO):
+    """LOZO (Chen et al., ICLR 2025): U·Vᵀ/√r per weight matrix, U fresh each step, V redrawn every ν steps."""
+
     name = "lozo"
 
     def __init__(self, cfg):
@@ -151,6 +153,8 @@ class LowRankMomentum(ZOSGD):
 
 @register
 class LOZOM(LOZO):
+    """LOZO-M: LOZO's directions with momentum kept as an m×r factor per matrix, projected when V changes."""
+
     name = "lozo-m"
 
     def build_engine(self, cfg) -> ZOEngine:

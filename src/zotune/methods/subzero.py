@@ -76,6 +76,8 @@ class SubspaceDirections:
 
 @register
 class SubZero(SubspaceDirections, MeZO):
+    """SubZero (Yu et al., ICCV 2025): √(mn)/r·U·Z·Vᵀ per base weight, orthonormal U, V redrawn every T steps."""
+
     name = "subzero"
 
     def prepare(self, model):
@@ -85,6 +87,8 @@ class SubZero(SubspaceDirections, MeZO):
 
 @register
 class SubZeroLoRA(SubspaceDirections, MeZOLoRA):
+    """SubZero's subspace directions on peft LoRA factors (rank capped at each factor's smaller side)."""
+
     name = "subzero-lora"
 
     def prepare(self, model):
