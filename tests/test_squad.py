@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from conftest import FILLER, NEGATIVE, POSITIVE, SHARED_DATA
+from conftest import SHARED_DATA, synthetic_examples
 from zotune.cli import main
 from zotune.errors import ZOError
 from zotune.metrics import exact_match, f1, normalize_answer, score_split, squad_scores
@@ -111,14 +111,8 @@ def test_squad_prompt_is_meZOs_template(squad):
 
 def generation_examples(n: int, seed: int = 0) -> list[Example]:
     """The synthetic sentiment rule as generation: answer "great movie" or "terrible film"."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        label = rng.randrange(2)
-        words = rng.sample(FILLER, 3) + rng.sample(POSITIVE if label else NEGATIVE, 2)
-        rng.shuffle(words)
-        out.append(Example(" ".join(words) + " It was", (), 0, ("great movie" if label else "terrible film",)))
-    return out
+    return [Example(e.prompt, (), 0, ("great movie" if e.label else "terrible film",))
+            for e in synthetic_examples(n, seed)]
 
 
 def test_teacher_forcing_loss_drops_when_training_the_tiny_model(tiny_llama):
