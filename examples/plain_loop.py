@@ -21,7 +21,7 @@ args = parser.parse_args()
 
 data = load_task("rotten-tomatoes").subsample(seed=0, train=1000, dev=args.dev_size, test=None)
 model, tok, _ = load_model(args.model)
-opt = zotune.ZOOptimizer(model, method="ar1zo", lr=1.5e-2, eps=1e-2, lora_r=8, lora_alpha=2, seed=0)
+opt = zotune.ZOOptimizer(model, method="ar1zo", lr=1.5e-2, eps=1e-2, lora_r=4, lora_alpha=2, seed=0)
 # opt.model is the model with its peft LoRA adapter; micro-batches of 4 length-sorted prompts
 # halve the forward time on a CPU (less padding) and give the same loss
 scorer = Scorer(opt.model, tok, micro_batch_size=4)
