@@ -71,6 +71,21 @@ def test_basis_comes_from_the_steps_own_batch_before_any_perturbation(tiny_llama
     assert torch.allclose(a @ a.T, top @ top.T, atol=1e-3)
 
 
+def test_basis_is_the_same_when_the_batch_is_scored_in_micro_batches(tiny_llama):
+    """--micro-batch-size splits one loss into several forwards: A still spans the whole batch's inputs."""
+    batch = synthetic_examples(6, seed=2)
+    bases = []
+    for micro in (0, 2):
+        model, tok, _ = load_model(str(tiny_llama))
+        model, engine = build_engine(TrainConfig(method="agzo", agzo_rank=4, agzo_power_iters=30), model)
+        scorer = Scorer(model, tok, micro_batch_size=micro)
+        engine.step(lambda: scorer.loss_tensor(batch), lr=0.0)
+        bases.append({n: a @ a.T for n, a in engine.method.bases.items()})
+    assert bases[0].keys() == bases[1].keys()
+    for name in bases[0]:
+        assert torch.allclose(bases[0][name], bases[1][name], atol=1e-3), name
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_agzo_direction_is_r_times_a_transpose_of_rank_at_most_k(tiny_models, arch):
     model, scorer, engine = engine_for(tiny_models[arch], "agzo", agzo_rank=3)
@@ -92,7 +107,7 @@ def test_agzo_direction_is_r_times_a_transpose_of_rank_at_most_k(tiny_models, ar
 def test_agzo_counts_its_extra_unperturbed_forward(tiny_llama):
     batch = synthetic_examples(4)
     for difference, queries, per_step in [("central", 1, 3), ("central", 2, 5), ("forward", 1, 2), ("forward", 3, 4)]:
-        _, scorer, engine = engine_for(tiny_llama, "agzo", agzo_difference=difference, queries=queries)
+        _, scorer, engine = engine_for(tiny_llama, "agzo", difference=difference, queries=queries)
         loss = Counted(scorer, batch)
         for _ in range(2):
             result = engine.step(loss, lr=1e-2)
@@ -102,7 +117,7 @@ def test_agzo_counts_its_extra_unperturbed_forward(tiny_llama):
 
 @pytest.mark.parametrize("difference", ["central", "forward"])
 def test_agzo_with_zero_learning_rate_leaves_every_weight_bit_identical(tiny_llama, difference):
-    model, scorer, engine = engine_for(tiny_llama, "agzo", agzo_difference=difference, queries=2,
+    model, scorer, engine = engine_for(tiny_llama, "agzo", difference=difference, queries=2,
                                        weight_decay=0.1, eps=1e-2)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     for _ in range(3):

@@ -89,6 +89,40 @@ def test_slope_is_the_directional_derivative_and_queries_are_averaged():
     assert result.forward_passes == 8 and engine.forward_passes == 8
 
 
+def test_forward_differences_cost_one_forward_per_query_plus_one_and_carry_an_eps_bias():
+    # For f(x) = 0.5 |x - t|^2, (f(x + eps z) - f(x)) / eps = z.grad + eps |z|^2 / 2 exactly.
+    target = torch.randn(10, generator=torch.Generator().manual_seed(0))
+    x = torch.zeros(10)
+    method = ParamsMethod({"x": x})
+    engine = ZOEngine(method, ZOSGD(), eps=1e-3, queries=3, seed=3, difference="forward")
+    calls = []
+    loss = lambda: calls.append(1) or 0.5 * float(((x.double() - target.double()) ** 2).sum())
+    x0 = x.clone()
+    result = engine.step(loss, lr=0.0)
+    for key, g in zip(result.keys, result.grads):
+        z = method.direction("x", x, key).double()
+        exact = float(z @ (x0.double() - target.double())) + 1e-3 * float(z @ z) / 2
+        assert abs(g - exact) < 1e-2 * (1 + abs(g))
+    assert len(calls) == 4 and result.forward_passes == 4 and engine.forward_passes == 4
+    assert bit_identical(x, x0)  # lr 0: restored exactly, as with central differences
+    assert result.loss == loss()  # the step's loss is L(theta) itself
+
+
+def test_forward_differences_descend_and_the_budget_counts_them():
+    from zotune.bench import forwards_per_step
+
+    target = torch.randn(20, generator=torch.Generator().manual_seed(1))
+    x = torch.zeros(20)
+    engine = ZOEngine(ParamsMethod({"x": x}), ZOSGD(), eps=1e-3, queries=2, seed=0, difference="forward")
+    loss = lambda: 0.5 * float(((x - target) ** 2).sum())
+    start = loss()
+    for _ in range(150):
+        engine.step(loss, lr=0.02)
+    assert loss() < 0.2 * start
+    assert forwards_per_step(TrainConfig(method="mezo-lora", queries=4, difference="forward")) == 5
+    assert forwards_per_step(TrainConfig(method="mezo-lora", queries=4)) == 8
+
+
 def test_zo_sgd_lowers_a_quadratic_loss():
     target = torch.randn(20, generator=torch.Generator().manual_seed(1))
     x = torch.zeros(20)

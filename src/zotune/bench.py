@@ -104,10 +104,13 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("sst2-smollm2", "SST-2 on SmolLM2-135M: every method at 400 forward passes, each at its own lr",
            [Entry("mezo-lora", {"method": "mezo-lora"}, 3e-3),
             Entry("ar1zo", {"method": "ar1zo"}, 1.5e-2),
-            Entry("zoact", {"method": "zoact"}, GUESSED_LRS["zoact"], tuned=False),
-            Entry("lozo", {"method": "lozo"}, GUESSED_LRS["lozo"], tuned=False),
-            Entry("subzero", {"method": "subzero"}, GUESSED_LRS["subzero"], tuned=False),
-            Entry("agzo", {"method": "agzo"}, GUESSED_LRS["agzo"], tuned=False),
+            Entry("zoact", {"method": "zoact", "optimizer": "adam"}, GUESSED_LRS["zoact"], tuned=False),
+            Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, GUESSED_LRS["zoact"],
+                  tuned=False),
+            # full-parameter methods at the papers' eps (1e-3); the LoRA-space methods at SmolLM2's tuned 1e-2
+            Entry("lozo", {"method": "lozo", "eps": 1e-3}, GUESSED_LRS["lozo"], tuned=False),
+            Entry("subzero", {"method": "subzero", "eps": 1e-3}, GUESSED_LRS["subzero"], tuned=False),
+            Entry("agzo", {"method": "agzo", "eps": 1e-3}, GUESSED_LRS["agzo"], tuned=False),
             Entry("fo-lora", {"method": "fo-lora"}, GUESSED_LRS["fo-lora"], tuned=False)],
            tasks=["sst2"], seeds=[0, 1, 2], budget=400, settings=dict(SMOLLM_SETTINGS)),
     Preset("rank-sweep", "methods.md's rank sweep at a shared lr: mezo-lora, atom-canonical (ar1zo with alpha/r) "

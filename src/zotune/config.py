@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .engine import DIFFERENCES
 from .errors import ZOError, require
 
 
@@ -46,7 +47,11 @@ class TrainConfig:
     lr: float = _f(1e-2, "learning rate, tuned for the default mezo-ln; on SmolLM2 we found ar1zo stable "
                          "at 1.5e-2 and mezo-lora at 3e-3 (full mezo needs ~1e-6)")
     eps: float = _f(1e-2, "perturbation size epsilon")
-    queries: int = _f(1, "queries (directions) per step; each costs two forward passes")
+    queries: int = _f(1, "queries (directions) per step; each costs two forward passes (one with "
+                         "--difference forward)")
+    difference: str = _f("central", "finite difference: central ((L+ - L-)/2eps, 2q forward passes per step) | "
+                                    "forward ((L+ - L0)/eps with L0 measured once per step: 1+q forward passes, "
+                                    "bias O(eps) instead of O(eps^2)); agzo adds its unperturbed forward to either")
     optimizer: str = _f("sgd", "how estimates become updates: sgd | momentum | adam")
     weight_decay: float = _f(0.0, "weight decay (never on biases and norms)")
     momentum: float = _f(0.9, "momentum coefficient (optimizer=momentum)")
@@ -70,8 +75,6 @@ class TrainConfig:
     # AGZO (activation-subspace directions R·Aᵀ on the adapted layers' full weights)
     agzo_rank: int = _f(8, "AGZO: dimension k of each layer's activation basis A (recomputed every step)")
     agzo_power_iters: int = _f(2, "AGZO: power (subspace) iterations computing A from the step's activations")
-    agzo_difference: str = _f("central", "AGZO: central (1+2q forward passes per step) | forward "
-                                         "((L+ - L0)/eps, 1+q forward passes)")
     # ZO-Act (and any method that calibrates on data) and a quantized frozen base
     zoact_rank: int = _f(16, "ZO-Act: k, the number of top activation directions U per layer (trainable C is "
                              "d_out x k). Use it with --optimizer adam --lr 1e-3 (what we ran on SmolLM2/SST-2, untuned); "
@@ -117,6 +120,8 @@ class TrainConfig:
         require(math.isfinite(self.lr) and self.lr >= 0, f"lr must be >= 0, got {self.lr}")
         require(math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}")
         require(self.queries >= 1, f"queries must be >= 1, got {self.queries}")
+        require(self.difference in DIFFERENCES, f"unknown difference {self.difference!r}; choose one of: "
+                                                f"{', '.join(DIFFERENCES)}")
         require(self.lora_r >= 1, f"lora_r (rank) must be > 0, got {self.lora_r}")
         require(self.lora_alpha >= 0, f"lora_alpha must be > 0 (or 0 for the method's default), got {self.lora_alpha}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -179,6 +179,9 @@ def from_env(cfg) -> Cluster:
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    require(not (cfg.parallel == "query" and cfg.difference == "forward"),
+            "parallel query with difference forward would measure L(theta) on every rank; use data-parallel "
+            "or central differences")
     if cfg.parallel == "data":
         require(cfg.batch_size >= world, f"parallel data splits each batch over {world} ranks: batch_size "
                                          f"must be >= {world}, got {cfg.batch_size}")

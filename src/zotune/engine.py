@@ -2,7 +2,10 @@
 
 One step, for each of q queries:  seed -> perturb +eps -> loss -> perturb -eps
 -> loss -> restore -> g = (L+ - L-) / (2 eps).  Then the optimizer turns the q
-(seed, g) pairs into an update.  What is perturbed (``Method.views``) and along
+(seed, g) pairs into an update.  With ``difference="forward"`` the step first
+measures L(theta) once and each query costs one forward: g = (L+ - L0) / eps,
+1 + q forwards instead of 2q (cheaper for q > 1, but its bias is O(eps), not
+O(eps^2)).  What is perturbed (``Method.views``) and along
 which direction (``Method.direction``) is the method's business; everything
 else lives here, once.
 
@@ -29,6 +32,9 @@ from typing import Callable
 import torch
 
 from .errors import ZOError
+
+
+DIFFERENCES = ("central", "forward")  # (L+ - L-)/2eps with 2q forwards | (L+ - L0)/eps with 1+q
 
 
 @dataclass(frozen=True)
@@ -77,13 +83,15 @@ class ZOEngine:
     """
 
     def __init__(self, method, optimizer, eps: float, queries: int = 1, seed: int = 0,
-                 reduce: Callable[[float], float] | None = None):
+                 reduce: Callable[[float], float] | None = None, difference: str = "central"):
         if eps <= 0:
             raise ZOError(f"eps must be > 0, got {eps}")
         if queries < 1:
             raise ZOError(f"queries must be >= 1, got {queries}")
+        if difference not in DIFFERENCES:
+            raise ZOError(f"unknown difference {difference!r}; choose one of: {', '.join(DIFFERENCES)}")
         self.method, self.optimizer = method, optimizer
-        self.eps, self.queries, self.seed = eps, queries, seed
+        self.eps, self.queries, self.seed, self.difference = eps, queries, seed, difference
         self.reduce = reduce or (lambda x: x)
         self.step_count = 0
         self.forward_passes = 0
@@ -102,18 +110,23 @@ class ZOEngine:
         snapshot = [v.detach().clone() for _, v in views]
         restore = lambda: [v.copy_(s) for (_, v), s in zip(views, snapshot)]
         loss = lambda: float(self.reduce(float(loss_fn())))
+        central = self.difference == "central"
         results = []  # (query, g, loss at theta to first order)
         try:
+            loss_0 = None if central else loss()  # forward differences: L(theta), shared by every query
             for q in self.local_queries():
                 key = QueryKey(self.seed, self.step_count, q)
                 for (name, v) in views:
                     v.add_(self.method.direction(name, v, key), alpha=self.eps)
                 loss_plus = loss()
-                for (_, v), s in zip(views, snapshot):  # theta - eps z = 2 theta - (theta + eps z)
-                    v.mul_(-1).add_(s, alpha=2)
-                loss_minus = loss()
+                if central:
+                    for (_, v), s in zip(views, snapshot):  # theta - eps z = 2 theta - (theta + eps z)
+                        v.mul_(-1).add_(s, alpha=2)
+                    loss_minus = loss()
+                    results.append((q, (loss_plus - loss_minus) / (2 * self.eps), (loss_plus + loss_minus) / 2))
+                else:
+                    results.append((q, (loss_plus - loss_0) / self.eps, loss_0))
                 restore()
-                results.append((q, (loss_plus - loss_minus) / (2 * self.eps), (loss_plus + loss_minus) / 2))
         except BaseException:  # a kill signal, a failing forward: never leave the weights perturbed
             restore()
             raise
@@ -123,7 +136,7 @@ class ZOEngine:
         keys = [QueryKey(self.seed, self.step_count, q) for q, _, _ in results]
         grads = [g for _, g, _ in results]
         self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
-        self.forward_passes += 2 * len(results)
+        spent = 2 * len(results) if central else 1 + len(results)
+        self.forward_passes += spent
         self.step_count += 1
-        return StepResult(self.step_count - 1, sum(l for *_, l in results) / len(results), grads,
-                          2 * len(results), keys)
+        return StepResult(self.step_count - 1, sum(l for *_, l in results) / len(results), grads, spent, keys)

@@ -25,9 +25,9 @@ subspace iteration (Y = Xᵀ X Ω, QR) started from a seeded Gaussian Ω, and ke
 only A (d_in×k), never X. That forward also yields L(θ), which makes the
 one-sided estimate free:
 
-* ``--agzo-difference central``: g = (L(θ+εz) − L(θ−εz)) / 2ε,
+* ``--difference central``: g = (L(θ+εz) − L(θ−εz)) / 2ε,
   **1 + 2q forward passes per step** (3 with q = 1);
-* ``--agzo-difference forward``: g = (L(θ+εz) − L(θ)) / ε,
+* ``--difference forward``: g = (L(θ+εz) − L(θ)) / ε,
   **1 + q forward passes per step** (2 with q = 1, MeZO's cost).
 
 Both are counted in ``forward_passes``. The step's reported loss is L(θ).
@@ -58,8 +58,6 @@ from ..adapters import target_modules
 from ..engine import QueryKey, StepResult, ZOEngine, tensor_seed
 from ..errors import ZOError
 from .base import Method, register
-
-DIFFERENCES = ("central", "forward")
 
 
 def activation_basis(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
@@ -92,8 +90,6 @@ class AGZO(Method):
             raise ZOError(f"agzo_rank must be >= 1, got {cfg.agzo_rank}")
         if cfg.agzo_power_iters < 1:
             raise ZOError(f"agzo_power_iters must be >= 1, got {cfg.agzo_power_iters}")
-        if cfg.agzo_difference not in DIFFERENCES:
-            raise ZOError(f"unknown agzo_difference {cfg.agzo_difference!r}; choose central or forward")
         from transformers.pytorch_utils import Conv1D
 
         wanted = set(target_modules(model, cfg.target_modules or None))
@@ -137,20 +133,27 @@ class AGZO(Method):
     @classmethod
     def forwards_per_step(cls, cfg) -> int:
         """One unperturbed forward (the basis and L(θ)), then 2 per query (central) or 1 (forward)."""
-        return 1 + (2 if cfg.agzo_difference == "central" else 1) * cfg.queries
+        return 1 + (2 if cfg.difference == "central" else 1) * cfg.queries
 
     def build_engine(self, cfg) -> "AGZOEngine":
         from ..optim import make_optimizer
 
         optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
-        return AGZOEngine(self, optimizer, cfg.eps, cfg.queries, cfg.seed, difference=cfg.agzo_difference)
+        return AGZOEngine(self, optimizer, cfg.eps, cfg.queries, cfg.seed, difference=cfg.difference)
 
 
 class Capture:
-    """Forward hooks that turn each adapted layer's input into its basis A during one forward."""
+    """Forward hooks that collect each adapted layer's inputs during one loss evaluation, then its basis A.
+
+    The inputs are gathered over every call of the layer inside the context (the
+    micro-batches of ``--micro-batch-size``, or a weight applied twice) and the
+    basis is computed once on exit, so A spans what the weight saw in the loss:
+    padding excluded, no matter how the batch was split.
+    """
 
     def __init__(self, method: AGZO, key: QueryKey):
         self.method, self.key, self.handles, self.mask = method, key, [], None
+        self.inputs: dict[str, list[torch.Tensor]] = {}
 
     def __enter__(self) -> "Capture":
         m = self.method
@@ -164,23 +167,26 @@ class Capture:
     def __exit__(self, *exc) -> None:
         for h in self.handles:
             h.remove()
-        missing = [n for n in self.method.layers if n not in self.method.bases]
-        if exc[0] is None and missing:
+        if exc[0] is not None:
+            return
+        m = self.method
+        missing = [n for n in m.layers if n not in self.inputs]
+        if missing:
             raise ZOError(f"agzo: the loss did not run through adapted layer {missing[0]}")
+        for name, chunks in self.inputs.items():
+            m.bases[name] = activation_basis(torch.cat(chunks), m.rank, m.cfg.agzo_power_iters,
+                                             tensor_seed(self.key, name, "agzo-basis"))
+        self.inputs = {}
 
     def _mask_hook(self, module, args, kwargs):
         self.mask = kwargs.get("attention_mask")
 
     def _layer_hook(self, name: str) -> Callable:
         def hook(module, inputs, output):
-            if name in self.method.bases:
-                raise ZOError(f"agzo: layer {name} ran twice in one forward; its basis would be ambiguous")
             x = inputs[0]
             if self.mask is not None and self.mask.dim() == 2 and tuple(self.mask.shape) == tuple(x.shape[:2]):
                 x = x[self.mask.bool()]  # real tokens only: padding never reaches the loss
-            m = self.method
-            self.method.bases[name] = activation_basis(x, m.rank, m.cfg.agzo_power_iters,
-                                                       tensor_seed(self.key, name, "agzo-basis"))
+            self.inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).detach())
         return hook
 
 
@@ -189,10 +195,7 @@ class AGZOEngine(ZOEngine):
 
     def __init__(self, method: AGZO, optimizer, eps: float, queries: int = 1, seed: int = 0,
                  reduce=None, difference: str = "central"):
-        super().__init__(method, optimizer, eps, queries, seed, reduce)
-        if difference not in DIFFERENCES:
-            raise ZOError(f"unknown agzo_difference {difference!r}; choose central or forward")
-        self.difference = difference
+        super().__init__(method, optimizer, eps, queries, seed, reduce, difference)
 
     def forwards_per_step(self) -> int:
         return 1 + (2 if self.difference == "central" else 1) * self.queries

@@ -103,17 +103,18 @@ class Method:
         from ..optim import make_optimizer
 
         optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
-        return ZOEngine(self, optimizer, cfg.eps, cfg.queries, cfg.seed)
+        return ZOEngine(self, optimizer, cfg.eps, cfg.queries, cfg.seed, difference=cfg.difference)
 
     @classmethod
     def forwards_per_step(cls, cfg: Any) -> int:
         """Forward-pass equivalents one step costs, the unit budgets are compared in (``zotune bench``).
 
-        A ZO step spends two forward passes per query. A method whose step is not
-        a pair of forwards overrides this: first-order LoRA counts its forward +
-        backward as 3 forward passes.
+        A ZO step spends two forward passes per query (central differences) or
+        one per query plus the shared L(θ) (forward differences). A method whose
+        step is not built of such forwards overrides this: first-order LoRA
+        counts its forward + backward as 3 forward passes.
         """
-        return 2 * cfg.queries
+        return 2 * cfg.queries if cfg.difference == "central" else 1 + cfg.queries
 
     def state_dict(self) -> dict:
         """Method state needed to resume exactly (schedules, bases, ...); none by default."""

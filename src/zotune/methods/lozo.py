@@ -162,4 +162,5 @@ class LOZOM(LOZO):
         if cfg.optimizer not in ("sgd", "momentum"):
             raise ZOError(f"lozo-m has its own momentum update; --optimizer {cfg.optimizer} does not apply "
                           f"(leave it at sgd, set β with --momentum)")
-        return ZOEngine(self, LowRankMomentum(cfg.momentum, cfg.weight_decay), cfg.eps, cfg.queries, cfg.seed)
+        return ZOEngine(self, LowRankMomentum(cfg.momentum, cfg.weight_decay), cfg.eps, cfg.queries, cfg.seed,
+                        difference=cfg.difference)
