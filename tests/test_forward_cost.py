@@ -146,3 +146,35 @@ def test_training_batch_scores_do_not_depend_on_batch_company(models):
     together = scorer.scores(examples)
     alone = torch.cat([scorer.scores([e]) for e in examples])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+# -- precision: a bfloat16 base under float32 adapters ---------------------------------------
+def test_auto_dtype_is_float32_on_cpu_and_bf16_only_for_lora_type_methods_on_cuda():
+    from zotune.methods import get_method
+    from zotune.train import pick_dtype
+
+    assert pick_dtype("auto", "cpu", get_method("ar1zo")) == torch.float32
+    assert pick_dtype("bfloat16", "cpu", get_method("mezo-lora")) == torch.bfloat16
+    for method in ("mezo", "mezo-ln", "lozo", "agzo"):  # they train base weights or norms
+        assert pick_dtype("auto", "cpu", get_method(method)) == torch.float32
+        with pytest.raises(ZOError, match="vanish in bfloat16"):
+            pick_dtype("bfloat16", "cpu", get_method(method))
+
+
+def test_bf16_base_trains_float32_lora_factors_and_restores_exactly(tiny_llama):
+    from zotune.train import build_engine
+
+    model, tok, _ = load_model(str(tiny_llama), dtype=torch.bfloat16)
+    model, engine = build_engine(TrainConfig(method="mezo-lora", lora_r=4, eps=1e-2), model)
+    params = engine.method.params
+    assert params and all(p.dtype == torch.float32 for p in params.values())  # peft upcasts the adapter
+    base = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert base and all(p.dtype == torch.bfloat16 for p in base)
+    scorer, batch = Scorer(model, tok), synthetic_examples(8)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    engine.step(lambda: scorer.loss_tensor(batch), lr=0.0)
+    assert all(torch.equal(before[n], p) for n, p in params.items())  # exact restore, whatever the dtype
+    losses = []
+    for _ in range(30):
+        losses.append(engine.step(lambda: scorer.loss_tensor(batch), lr=0.05).loss)
+    assert all(l == l for l in losses) and sum(losses[-5:]) < sum(losses[:5])

@@ -266,12 +266,13 @@ def measure_forward(cfg: TrainConfig, repeats: int = 7) -> float:
     from .evaluate import Scorer
     from .methods import get_method, prepare_seeded
     from .models import load_model
-    from .train import batch_indices, pick_device, task_data
+    from .train import batch_indices, pick_device, pick_dtype, task_data
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = task_data(cfg).subsample(cfg.seed, cfg.train_size, cfg.dev_size, 0)
-    model, tok, _ = load_model(cfg.model, device=pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    model, tok, _ = load_model(cfg.model, pick_dtype(cfg.dtype, device, get_method(cfg.method)), device)
     model = prepare_seeded(get_method(cfg.method)(cfg), model, cfg.seed)
     batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, 0)]
     scorer = Scorer(model, tok, cfg.max_length)

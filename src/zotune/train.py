@@ -42,6 +42,17 @@ def pick_device(name: str) -> str:
     return name
 
 
+def pick_dtype(name: str, device: str, method_cls) -> torch.dtype:
+    """The base weights' dtype: bf16 only where the trainable values stay fp32 and the hardware is fast at it."""
+    if name == "auto":
+        bf16 = device == "cuda" and method_cls.bf16_base and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    require(name == "float32" or method_cls.bf16_base,
+            f"--dtype bfloat16: method {method_cls.name!r} trains base weights or norms, whose ZO updates "
+            f"(lr*g*z, often ~1e-6) vanish in bfloat16; use --dtype float32 or a LoRA-type method")
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
 def peak_memory_mb(device: str) -> float:
     """Peak memory of this process: GPU allocations on CUDA, resident set size on CPU."""
     if device == "cuda":
@@ -214,7 +225,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     cluster = distributed.from_env(cfg)  # a cluster of one unless launched by torchrun
     main = cluster.is_main  # rank 0, or the only process
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress and main else (lambda msg: None)
-    model, tok, kind = load_model(cfg.model, device=device)
+    model, tok, kind = load_model(cfg.model, pick_dtype(cfg.dtype, device, get_method(cfg.method)), device)
     require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
     say(f"zotune: task {cfg.task}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test")
     if cluster.world > 1:

@@ -42,6 +42,7 @@ def lora_alpha_for(scaling: str, alpha: float, r: int) -> tuple[float, bool]:
 @register
 class AR1ZO(Method):
     name = "ar1zo"
+    bf16_base = True
     default_alpha = 2.0  # scale 2 at every rank: MeZO-LoRA's 16/8 at r=8, so lrs transfer at r=8
 
     def prepare(self, model: nn.Module) -> nn.Module:

@@ -54,6 +54,10 @@ class Method:
     is_adapter: ClassVar[bool] = True
     #: True when :meth:`prepare` needs :meth:`calibrate` first (a query space chosen from data).
     needs_calibration: ClassVar[bool] = False
+    #: True when the trainable values are peft LoRA factors: peft keeps them in float32 over a
+    #: bfloat16 base, so the base may be bf16 (``--dtype``). Methods that train base weights or
+    #: norms leave it False: an update of lr·g·z ~ 1e-6 vanishes in bf16's 8-bit mantissa.
+    bf16_base: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -15,6 +15,7 @@ from .base import Method, register
 @register
 class MeZOLoRA(Method):
     name = "mezo-lora"
+    bf16_base = True
     default_alpha = 16.0  # MeZO's LoRA setting (r=8, alpha=16)
 
     def prepare(self, model: nn.Module) -> nn.Module:

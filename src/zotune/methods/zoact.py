@@ -34,6 +34,7 @@ from .base import Method, register
 @register
 class ZOAct(Method):
     name = "zoact"
+    bf16_base = True
     needs_calibration = True
 
     def __init__(self, cfg):
