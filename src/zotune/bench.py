@@ -275,7 +275,8 @@ def measure_forward(cfg: TrainConfig, repeats: int = 7) -> float:
     model, tok, _ = load_model(cfg.model, pick_dtype(cfg.dtype, device, get_method(cfg.method)), device)
     model = prepare_seeded(get_method(cfg.method)(cfg), model, cfg.seed)
     batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, 0)]
-    scorer = Scorer(model, tok, cfg.max_length)
+    scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
+                    micro_batch_size=cfg.micro_batch_size)  # the forward the run's steps are made of
     for _ in range(2):  # warm-up: first-call allocations, thread pools
         scorer.loss(batch)
     times = []
