@@ -129,7 +129,7 @@ def test_budget_becomes_steps_at_each_methods_cost(monkeypatch, tmp_path):
     preset = select(PRESETS["sst2-smollm2"], methods=["mezo-lora", "three-forwards"], seeds=[0])
     runs = plan(preset, tmp_path, prepare=False)
     assert [(r.entry.label, r.cfg.steps, r.cfg.eval_every) for r in runs] == \
-        [("mezo-lora", 200, 50), ("three-forwards", 133, 33)]  # evaluations every ~100 forwards for both
+        [("mezo-lora", 60, 20), ("three-forwards", 40, 13)]  # 120 forwards; evaluations every ~40 for both
     assert runs[1].entry.tuned is False  # a method the preset has no lr for runs at a guessed lr, marked so
 
 
@@ -139,7 +139,11 @@ def test_presets_are_the_documented_grids(tmp_path):
     assert list(lrs) == ["mezo-lora", "ar1zo", "zoact", "lozo", "subzero", "agzo", "fo-lora"]
     assert lrs["mezo-lora"] == (3e-3, True) and lrs["ar1zo"] == (1.5e-2, True)
     assert not any(tuned for label, (_, tuned) in lrs.items() if label not in ("mezo-lora", "ar1zo"))
-    assert (sst2.budget, sst2.seeds, sst2.tasks, sst2.settings["dev_size"]) == (400, [0, 1, 2], ["sst2"], 500)
+    assert (sst2.budget, sst2.seeds, sst2.tasks, sst2.settings["dev_size"]) == (120, [0, 1, 2], ["sst2"], 200)
+    zoact = PRESETS["zoact"]  # issue 4's comparison: the same four entries on two tasks
+    assert [e.label for e in zoact.entries] == ["mezo-lora", "ar1zo", "zoact", "zoact-int8"]
+    assert zoact.tasks == ["sst2", "rte"] and zoact.budget == sst2.budget
+    assert zoact.entries[3].settings == dict(zoact.entries[2].settings, quantize="int8")
 
     runs = plan(PRESETS["rank-sweep"], tmp_path)
     grid = {(r.entry.label, r.cfg.method, r.cfg.ar1_scaling, r.cfg.lora_r) for r in runs}
@@ -154,7 +158,7 @@ def test_presets_are_the_documented_grids(tmp_path):
 def test_dry_run_prints_the_grid_and_names_missing_methods(capsys, tmp_path):
     assert bench("--preset", "sst2-smollm2", "--dry-run", "--seeds", "0", "--out", str(tmp_path / "b")) == 0
     printed = capsys.readouterr().out
-    assert "mezo-lora" in printed and " 200      400 " in printed
+    assert "mezo-lora" in printed and "  60      120 " in printed
     assert not (tmp_path / "b").exists()  # a dry run writes nothing
     missing = sorted({e.settings["method"] for e in PRESETS["sst2-smollm2"].entries} - set(METHODS))
     if missing:  # before every method is merged, a real run says which are absent, before any work

@@ -83,6 +83,20 @@ GUESSED_LRS: dict[str, float] = {
 TUNED = {"mezo-lora", "ar1zo", "mezo-ln"}  # tuned on SmolLM2-135M (see TrainConfig.lr's help)
 
 SMOLLM_SETTINGS = dict(model="smollm2-135m", batch_size=16, train_size=1000, dev_size=500, eps=1e-2)
+# The method comparisons: CPU-sized (200 dev examples, 60 ZO steps), micro-batches of 4 halve the forward time
+COMPARE_SETTINGS = dict(SMOLLM_SETTINGS, dev_size=200, micro_batch_size=4)
+SMOLLM_ENTRIES: dict[str, Entry] = {e.label: e for e in [
+    Entry("mezo-lora", {"method": "mezo-lora"}, 3e-3),
+    Entry("ar1zo", {"method": "ar1zo"}, 1.5e-2),
+    Entry("zoact", {"method": "zoact", "optimizer": "adam"}, GUESSED_LRS["zoact"], tuned=False),
+    Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, GUESSED_LRS["zoact"],
+          tuned=False),
+    # full-parameter methods at the papers' eps (1e-3); the LoRA-space methods at SmolLM2's tuned 1e-2
+    Entry("lozo", {"method": "lozo", "eps": 1e-3}, GUESSED_LRS["lozo"], tuned=False),
+    Entry("subzero", {"method": "subzero", "eps": 1e-3}, GUESSED_LRS["subzero"], tuned=False),
+    Entry("agzo", {"method": "agzo", "eps": 1e-3}, GUESSED_LRS["agzo"], tuned=False),
+    Entry("fo-lora", {"method": "fo-lora"}, GUESSED_LRS["fo-lora"], tuned=False),
+]}
 
 
 def _rank_sweep() -> list[Entry]:
@@ -101,18 +115,14 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             Entry("ar1zo-q2", {"method": "ar1zo", "queries": 2}, 0.05, tuned=False)],
            tasks=["synthetic"], seeds=[0, 1], budget=48,
            settings=dict(model="tiny-random", batch_size=8, train_size=64, dev_size=32, max_length=32)),
-    Preset("sst2-smollm2", "SST-2 on SmolLM2-135M: every method at 400 forward passes, each at its own lr",
-           [Entry("mezo-lora", {"method": "mezo-lora"}, 3e-3),
-            Entry("ar1zo", {"method": "ar1zo"}, 1.5e-2),
-            Entry("zoact", {"method": "zoact", "optimizer": "adam"}, GUESSED_LRS["zoact"], tuned=False),
-            Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, GUESSED_LRS["zoact"],
-                  tuned=False),
-            # full-parameter methods at the papers' eps (1e-3); the LoRA-space methods at SmolLM2's tuned 1e-2
-            Entry("lozo", {"method": "lozo", "eps": 1e-3}, GUESSED_LRS["lozo"], tuned=False),
-            Entry("subzero", {"method": "subzero", "eps": 1e-3}, GUESSED_LRS["subzero"], tuned=False),
-            Entry("agzo", {"method": "agzo", "eps": 1e-3}, GUESSED_LRS["agzo"], tuned=False),
-            Entry("fo-lora", {"method": "fo-lora"}, GUESSED_LRS["fo-lora"], tuned=False)],
-           tasks=["sst2"], seeds=[0, 1, 2], budget=400, settings=dict(SMOLLM_SETTINGS)),
+    Preset("sst2-smollm2", "SST-2 on SmolLM2-135M: every method at the same forward-pass budget, each at its "
+                           "own lr (picked by a short probe, see benchmarks/results/sst2_smollm2/README.md)",
+           [SMOLLM_ENTRIES[k] for k in ("mezo-lora", "ar1zo", "zoact", "lozo", "subzero", "agzo", "fo-lora")],
+           tasks=["sst2"], seeds=[0, 1, 2], budget=120, evals=2, settings=dict(COMPARE_SETTINGS)),
+    Preset("zoact", "ZO-Act over an fp32 and an int8 base against MeZO-LoRA and AR1-ZO on SST-2 and RTE, "
+                    "SmolLM2-135M, same budget and seed",
+           [SMOLLM_ENTRIES[k] for k in ("mezo-lora", "ar1zo", "zoact", "zoact-int8")],
+           tasks=["sst2", "rte"], seeds=[0], budget=120, evals=2, settings=dict(COMPARE_SETTINGS)),
     Preset("rank-sweep", "methods.md's rank sweep at a shared lr: mezo-lora, atom-canonical (ar1zo with alpha/r) "
                          "and ar1zo at r in 1,4,16,64 (subsumes benchmarks/rank_sweep.py's default)",
            _rank_sweep(), tasks=["sst2"], seeds=[0], budget=400,
@@ -406,7 +416,7 @@ def run_bench(preset: Preset, out: Path, retry_failed: bool = False, say=print) 
 def header(preset: Preset) -> str:
     s = {**TrainConfig().to_dict(), **preset.settings}
     return (f"zotune bench `{preset.name}`: model {s['model']}, budget {preset.budget} forward passes per run, "
-            f"batch {s['batch_size']}, eps {s['eps']}, dev {s['dev_size']}, seeds "
+            f"batch {s['batch_size']}, eps {s['eps']} (unless an entry sets its own), dev {s['dev_size']}, seeds "
             f"{','.join(map(str, preset.seeds))}; {FO_NOTE}")
 
 
