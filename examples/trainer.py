@@ -11,6 +11,8 @@ over the two answer words only (MeZO's loss), not over the whole vocabulary.
 import argparse
 
 import torch
+
+import zotune  # noqa: F401  (imported before transformers: it quiets torchao's optional-kernel log lines)
 from transformers import TrainingArguments
 
 from zotune.evaluate import Scorer

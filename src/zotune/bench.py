@@ -118,11 +118,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("sst2-smollm2", "SST-2 on SmolLM2-135M: every method at the same forward-pass budget, each at its "
                            "own lr (picked by a short probe, see benchmarks/results/sst2_smollm2/README.md)",
            [SMOLLM_ENTRIES[k] for k in ("mezo-lora", "ar1zo", "zoact", "lozo", "subzero", "agzo", "fo-lora")],
-           tasks=["sst2"], seeds=[0, 1, 2], budget=120, evals=2, settings=dict(COMPARE_SETTINGS)),
+           tasks=["sst2"], seeds=[0, 1, 2], budget=120, evals=1, settings=dict(COMPARE_SETTINGS)),
     Preset("zoact", "ZO-Act over an fp32 and an int8 base against MeZO-LoRA and AR1-ZO on SST-2 and RTE, "
                     "SmolLM2-135M, same budget and seed",
            [SMOLLM_ENTRIES[k] for k in ("mezo-lora", "ar1zo", "zoact", "zoact-int8")],
-           tasks=["sst2", "rte"], seeds=[0], budget=120, evals=2, settings=dict(COMPARE_SETTINGS)),
+           tasks=["sst2", "rte"], seeds=[0], budget=120, evals=1, settings=dict(COMPARE_SETTINGS)),
     Preset("rank-sweep", "methods.md's rank sweep at a shared lr: mezo-lora, atom-canonical (ar1zo with alpha/r) "
                          "and ar1zo at r in 1,4,16,64 (subsumes benchmarks/rank_sweep.py's default)",
            _rank_sweep(), tasks=["sst2"], seeds=[0], budget=400,
