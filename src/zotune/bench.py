@@ -394,6 +394,8 @@ def run_bench(preset: Preset, out: Path, retry_failed: bool = False, say=print) 
                 forward_times[key] = measure_forward(run.cfg)
             except ZOError as exc:
                 say(f"[{i}/{len(runs)}] {key}: forward time not measured ({exc})")
+            if times_path.exists():  # another bench process on the same --out may have added keys since
+                forward_times = {**json.loads(times_path.read_text()), **forward_times}
             times_path.write_text(json.dumps(forward_times, indent=2))
         what, summary, error = run_one(run, retry_failed)
         r = row(run, summary, error, forward_times.get(key))
