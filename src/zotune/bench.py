@@ -88,14 +88,13 @@ COMPARE_SETTINGS = dict(SMOLLM_SETTINGS, dev_size=200, micro_batch_size=4)
 SMOLLM_ENTRIES: dict[str, Entry] = {e.label: e for e in [
     Entry("mezo-lora", {"method": "mezo-lora"}, 3e-3),
     Entry("ar1zo", {"method": "ar1zo"}, 1.5e-2),
-    Entry("zoact", {"method": "zoact", "optimizer": "adam"}, GUESSED_LRS["zoact"], tuned=False),
-    Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, GUESSED_LRS["zoact"],
-          tuned=False),
+    Entry("zoact", {"method": "zoact", "optimizer": "adam"}, 5e-3),
+    Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, 5e-3),
     # full-parameter methods at the papers' eps (1e-3); the LoRA-space methods at SmolLM2's tuned 1e-2
-    Entry("lozo", {"method": "lozo", "eps": 1e-3}, GUESSED_LRS["lozo"], tuned=False),
+    Entry("lozo", {"method": "lozo", "eps": 1e-3}, 5e-5),
     Entry("subzero", {"method": "subzero", "eps": 1e-3}, GUESSED_LRS["subzero"], tuned=False),
     Entry("agzo", {"method": "agzo", "eps": 1e-3}, GUESSED_LRS["agzo"], tuned=False),
-    Entry("fo-lora", {"method": "fo-lora"}, GUESSED_LRS["fo-lora"], tuned=False),
+    Entry("fo-lora", {"method": "fo-lora"}, 1e-3),
 ]}
 
 
