@@ -92,8 +92,8 @@ SMOLLM_ENTRIES: dict[str, Entry] = {e.label: e for e in [
     Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, 5e-3),
     # full-parameter methods at the papers' eps (1e-3); the LoRA-space methods at SmolLM2's tuned 1e-2
     Entry("lozo", {"method": "lozo", "eps": 1e-3}, 5e-5),
-    Entry("subzero", {"method": "subzero", "eps": 1e-3}, GUESSED_LRS["subzero"], tuned=False),
-    Entry("agzo", {"method": "agzo", "eps": 1e-3}, GUESSED_LRS["agzo"], tuned=False),
+    Entry("subzero", {"method": "subzero", "eps": 1e-3}, 5e-5),
+    Entry("agzo", {"method": "agzo", "eps": 1e-3}, 1e-3),
     Entry("fo-lora", {"method": "fo-lora"}, 1e-3),
 ]}
 
