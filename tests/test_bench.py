@@ -107,6 +107,17 @@ def test_a_diverged_run_is_recorded_not_a_crash(tiny_llama, tmp_path, capsys):
     assert ": skipped: non-finite loss" in capsys.readouterr().err
 
 
+def test_step_cost_is_measured_for_methods_that_calibrate(tiny_llama, tmp_path):
+    # ZO-Act needs its activation basis before its adapter exists; the step-cost unit is the forward of
+    # the model as the run builds it (calibrated, adapter attached), so zoact gets a ratio like any method
+    out = tmp_path / "zoact"
+    assert bench("--preset", "quick", "--model", str(tiny_llama), "--methods", "zoact", "--seeds", "0",
+                 "--out", str(out)) == 0
+    [r] = read_rows(out)
+    assert r["status"] == "ok" and r["forward_s"] > 0 and r["step_cost_ratio"] > 0
+    assert "zoact|synthetic" in json.loads((out / "forward_times.json").read_text())
+
+
 class ThreeForwards(MeZOLoRA):
     """Stands in for a first-order method: its step is charged as forward + backward = 3 forwards."""
 

@@ -270,19 +270,19 @@ def reset_peak_memory(device: str) -> None:
 
 
 def measure_forward(cfg: TrainConfig, repeats: int = 7) -> float:
-    """Median seconds of one no-grad loss evaluation on the run's first training batch, model prepared
-    by the run's method (adapter attached): the unit of the step-cost ratio."""
+    """Median seconds of one no-grad loss evaluation on the run's first training batch, model built as
+    the run builds it (quantized base, calibration, adapter attached): the unit of the step-cost ratio."""
     from .evaluate import Scorer
-    from .methods import get_method, prepare_seeded
+    from .methods import get_method
     from .models import load_model
-    from .train import batch_indices, pick_device, pick_dtype, task_data
+    from .train import batch_indices, build_engine, pick_device, pick_dtype, run_calibration, task_data
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = task_data(cfg).subsample(cfg.seed, cfg.train_size, cfg.dev_size, 0)
     device = pick_device(cfg.device)
     model, tok, _ = load_model(cfg.model, pick_dtype(cfg.dtype, device, get_method(cfg.method)), device)
-    model = prepare_seeded(get_method(cfg.method)(cfg), model, cfg.seed)
+    model, _ = build_engine(cfg, model, calibration=run_calibration(cfg, data.train, tok))
     batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, 0)]
     scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
                     micro_batch_size=cfg.micro_batch_size)  # the forward the run's steps are made of
