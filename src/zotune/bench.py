@@ -475,7 +475,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)
-    fig.suptitle(textwrap.fill(title, 110), fontsize=8)
+    fig.suptitle(textwrap.fill(title, 55 * len(tasks)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
