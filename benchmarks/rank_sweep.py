@@ -48,7 +48,7 @@ def run_sweep(args) -> list[dict]:
     for name, rank, seed in grid(args):
         lr = getattr(args, f"lr_{name.replace('-', '_')}") or args.lr
         run_dir = out / "runs" / f"{name}-r{rank}-s{seed}"
-        cfg = TrainConfig(model=args.model, task=args.task, data_dir=args.data_dir, lora_r=rank,
+        cfg = TrainConfig.make(model=args.model, task=args.task, data_dir=args.data_dir, lora_r=rank,
                           lora_alpha=args.alpha, lr=lr, eps=args.eps, steps=args.steps,
                           batch_size=args.batch_size, train_size=args.train_size, dev_size=args.dev_size,
                           eval_every=args.eval_every, seed=seed, output_dir=str(run_dir),

@@ -43,7 +43,7 @@ from zotune.evaluate import Scorer, length_sorted_chunks, padding_fraction
 from zotune.methods import METHODS
 from zotune.models import load_model
 from zotune.tasks import load_task
-from zotune.train import batch_indices, build_engine
+from zotune.setup import batch_indices, build_engine
 
 TASK = "sst2"
 
@@ -196,7 +196,7 @@ def peak_memory(model_name: str, mode: str, batch_size: int, scoring: str = "res
         "import sys, json; sys.path.insert(0, %r)\n"
         "import torch; torch.set_num_threads(%d)\n"
         "from step_cost import setup\n"
-        "from zotune.train import peak_memory_mb\n"
+        "from zotune.hardware import peak_memory_mb\n"
         "scorer, batch, engine = setup(%r, %r, %d, scoring=%r)\n"
         "loss = lambda: scorer.loss(batch)\n"
         "engine.step(loss, lr=1e-6) if engine else (loss(), loss())\n"

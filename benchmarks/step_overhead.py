@@ -24,7 +24,7 @@ import torch
 
 from zotune.config import TrainConfig
 from zotune.models import load_model
-from zotune.train import build_engine
+from zotune.setup import build_engine
 
 
 def overhead_ms(method: str, rank: int, model_name: str, repeats: int) -> dict:

@@ -14,12 +14,12 @@ from zotune.errors import ZOError
 from zotune.evaluate import Scorer
 from zotune.methods.agzo import activation_basis
 from zotune.models import load_model
-from zotune.train import build_engine
+from zotune.setup import build_engine
 
 
 def engine_for(model_dir, method: str, **cfg):
     model, tok, _ = load_model(str(model_dir))
-    model, engine = build_engine(TrainConfig(method=method, **cfg), model)
+    model, engine = build_engine(TrainConfig.make(method=method, **cfg), model)
     return model, Scorer(model, tok), engine
 
 
@@ -77,7 +77,7 @@ def test_basis_is_the_same_when_the_batch_is_scored_in_micro_batches(tiny_llama)
     bases = []
     for micro in (0, 2):
         model, tok, _ = load_model(str(tiny_llama))
-        model, engine = build_engine(TrainConfig(method="agzo", agzo_rank=4, agzo_power_iters=30), model)
+        model, engine = build_engine(TrainConfig.make(method="agzo", agzo_rank=4, agzo_power_iters=30), model)
         scorer = Scorer(model, tok, micro_batch_size=micro)
         engine.step(lambda: scorer.loss_tensor(batch), lr=0.0)
         bases.append({n: a @ a.T for n, a in engine.method.bases.items()})

@@ -21,7 +21,7 @@ from zotune.errors import ZOError
 from zotune.hf_trainer import answer_collator as collate_with
 from zotune.evaluate import Scorer
 from zotune.models import load_model
-from zotune.train import batch_indices, task_data
+from zotune.setup import batch_indices, load_data
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -54,7 +54,7 @@ def values(opt) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method,optimizer", [("ar1zo", "sgd"), ("mezo-lora", "adam")])
 def test_the_api_and_the_cli_train_bit_identical_adapters(tiny_llama, tmp_path, method, optimizer):
     settings = dict(lr=0.05, eps=1e-2, lora_r=4, lora_alpha=2.0, seed=0)
-    cfg = TrainConfig(model=str(tiny_llama), task="rotten-tomatoes", method=method, optimizer=optimizer,
+    cfg = TrainConfig.make(model=str(tiny_llama), task="rotten-tomatoes", method=method, optimizer=optimizer,
                       steps=3, batch_size=4, train_size=32, dev_size=8, **settings)
     torch.manual_seed(123)  # neither side depends on the caller's global RNG: the seed fixes LoRA's initial A
     assert main(["train", "--model", str(tiny_llama), "--task", "rotten-tomatoes", "--method", method,
@@ -62,7 +62,7 @@ def test_the_api_and_the_cli_train_bit_identical_adapters(tiny_llama, tmp_path, 
                  "--batch-size", "4", "--lr", "0.05", "--eps", "0.01", "--lora-r", "4", "--lora-alpha", "2",
                  "--seed", "0", "--progress", "false", "--output-dir", str(tmp_path / "cli")]) == 0
 
-    data = task_data(cfg).subsample(cfg.seed, cfg.train_size, cfg.dev_size, cfg.test_size)
+    data = load_data(cfg)
     model, tok, _ = load_model(str(tiny_llama))
     opt = zotune.ZOOptimizer(model, method=method, optimizer=optimizer, **settings)
     scorer = Scorer(opt.model, tok, cfg.max_length)

@@ -18,7 +18,7 @@ from zotune.optim import ZOAdam, ZOSGD
 
 def ar1(model_dir, **cfg):
     model, tok, _ = load_model(str(model_dir))
-    method = get_method("ar1zo")(TrainConfig(method="ar1zo", **cfg))
+    method = get_method("ar1zo")(TrainConfig.make(method="ar1zo", **cfg))
     model = method.prepare(model)
     for n, p in method.params.items():  # non-zero B so both factors carry signal
         if "lora_B" in n:

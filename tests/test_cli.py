@@ -43,7 +43,7 @@ def test_train_writes_a_complete_run_directory_and_a_peft_adapter(tiny_llama, tm
     from zotune.config import TrainConfig
     from zotune.methods import get_method, prepare_seeded
     from zotune.models import load_model
-    from zotune.train import load_trained
+    from zotune.rundir import load_trained
 
     cfg = TrainConfig.from_yaml(out / "config.yaml")
     method = get_method(cfg.method)(cfg)

@@ -34,7 +34,7 @@ def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def prepared(method_name: str, model_dir, **cfg):
     model, tok, _ = load_model(str(model_dir))
-    method = get_method(method_name)(TrainConfig(method=method_name, **cfg))
+    method = get_method(method_name)(TrainConfig.make(method=method_name, **cfg))
     model = method.prepare(model)
     return model, tok, method
 
@@ -119,8 +119,8 @@ def test_forward_differences_descend_and_the_budget_counts_them():
     for _ in range(150):
         engine.step(loss, lr=0.02)
     assert loss() < 0.2 * start
-    assert forwards_per_step(TrainConfig(method="mezo-lora", queries=4, difference="forward")) == 5
-    assert forwards_per_step(TrainConfig(method="mezo-lora", queries=4)) == 8
+    assert forwards_per_step(TrainConfig.make(method="mezo-lora", queries=4, difference="forward")) == 5
+    assert forwards_per_step(TrainConfig.make(method="mezo-lora", queries=4)) == 8
 
 
 def test_zo_sgd_lowers_a_quadratic_loss():

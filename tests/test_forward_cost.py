@@ -126,7 +126,7 @@ def test_settings_are_checked_and_reach_the_config(models):
     cfg = TrainConfig.from_dict({"scoring": "full", "share_prompt": "false", "micro_batch_size": 4, "compile": "true"})
     assert (cfg.scoring, cfg.share_prompt, cfg.micro_batch_size, cfg.compile) == ("full", False, 4, True)
     with pytest.raises(ZOError, match="scoring"):
-        TrainConfig(scoring="fast").validate()
+        TrainConfig.make(scoring="fast").validate()
     import argparse
 
     from zotune.cli import _add_config_flags, config_from_args
@@ -151,21 +151,21 @@ def test_training_batch_scores_do_not_depend_on_batch_company(models):
 # -- precision: a bfloat16 base under float32 adapters ---------------------------------------
 def test_auto_dtype_is_float32_on_cpu_and_bf16_only_for_lora_type_methods_on_cuda():
     from zotune.methods import get_method
-    from zotune.train import pick_dtype
+    from zotune.hardware import pick_dtype
 
-    assert pick_dtype("auto", "cpu", get_method("ar1zo")) == torch.float32
-    assert pick_dtype("bfloat16", "cpu", get_method("mezo-lora")) == torch.bfloat16
+    assert pick_dtype("auto", "cpu", get_method("ar1zo")).dtype == torch.float32
+    assert pick_dtype("bfloat16", "cpu", get_method("mezo-lora")).dtype == torch.bfloat16
     for method in ("mezo", "mezo-ln", "lozo", "agzo"):  # they train base weights or norms
-        assert pick_dtype("auto", "cpu", get_method(method)) == torch.float32
+        assert pick_dtype("auto", "cpu", get_method(method)).dtype == torch.float32
         with pytest.raises(ZOError, match="vanish in bfloat16"):
             pick_dtype("bfloat16", "cpu", get_method(method))
 
 
 def test_bf16_base_trains_float32_lora_factors_and_restores_exactly(tiny_llama):
-    from zotune.train import build_engine
+    from zotune.setup import build_engine
 
     model, tok, _ = load_model(str(tiny_llama), dtype=torch.bfloat16)
-    model, engine = build_engine(TrainConfig(method="mezo-lora", lora_r=4, eps=1e-2), model)
+    model, engine = build_engine(TrainConfig.make(method="mezo-lora", lora_r=4, eps=1e-2), model)
     params = engine.method.params
     assert params and all(p.dtype == torch.float32 for p in params.values())  # peft upcasts the adapter
     base = [p for n, p in model.named_parameters() if "lora_" not in n]

@@ -30,12 +30,13 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import zotune.train
-from zotune.cli import main
+import zotune.evaluate
+import zotune.setup
+from zotune.cli import main, setting_fields
 from zotune.config import TrainConfig
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+FIELDS = list(setting_fields())  # TrainConfig fields and every method's options
 
 
 class ReachedModelLoading(Exception):
@@ -47,7 +48,7 @@ def stop_at_model_loading(request, monkeypatch):
     if "guards" not in request.node.name:
         def fake_load(*args, **kwargs):
             raise ReachedModelLoading
-        monkeypatch.setattr(zotune.train, "load_model", fake_load)
+        monkeypatch.setattr(zotune.setup, "load_model", fake_load)
 
 
 def run_train(*args: str) -> tuple[int | None, str, Path]:
@@ -205,7 +206,7 @@ def fake_losses(monkeypatch, values):
     def loss(self, batch):
         calls.append(len(batch))
         return torch.tensor(values[min(len(calls), len(values)) - 1])
-    monkeypatch.setattr(zotune.train.Scorer, "loss_tensor", loss)  # what the recipe's steps call
+    monkeypatch.setattr(zotune.evaluate.Scorer, "loss_tensor", loss)  # what the recipe's steps call
 
 
 def test_guards_an_exploding_loss_stops_the_run_at_a_step_that_replay_and_resume_accept(tiny_llama, tmp_path, capsys,

@@ -43,7 +43,7 @@ def test_mezo_lora_trains_only_peft_lora_factors_on_each_causal_architecture(tin
     from peft.tuners.lora import LoraLayer
 
     model, tok, _ = load_model(str(tiny_models[arch]))
-    method = get_method("mezo-lora")(TrainConfig(lora_r=2, lora_alpha=4))
+    method = get_method("mezo-lora")(TrainConfig.make(lora_r=2, lora_alpha=4))
     model = method.prepare(model)
     assert any(isinstance(m, LoraLayer) for m in model.modules())  # upstream peft layers, not ours
     assert method.params and all(("lora_A" in n) or ("lora_B" in n) for n in method.params)
@@ -60,7 +60,7 @@ def test_mezo_lora_trains_only_peft_lora_factors_on_each_causal_architecture(tin
 
 def test_mezo_trains_all_base_weights_once_each(tiny_llama):
     model, _, _ = load_model(str(tiny_llama))
-    method = get_method("mezo")(TrainConfig(method="mezo"))
+    method = get_method("mezo")(TrainConfig.make(method="mezo"))
     method.prepare(model)
     assert method.num_trainable() == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
     assert not any(p.requires_grad for p in model.parameters())
@@ -94,10 +94,10 @@ def test_mezo_ln_trains_only_norm_gains_and_saves_a_standard_peft_adapter(tiny_m
     model, tok, _ = load_model(str(tiny_models[arch]))
     n_norm = sum(p.numel() for n, m in model.named_modules() if "Norm" in type(m).__name__ for p in m.parameters())
     assert final_norm_name(model) == {"llama": "norm", "opt": "final_layer_norm", "gpt2": "ln_f"}[arch]
-    default = get_method("mezo-ln")(TrainConfig(method="mezo-ln"))
+    default = get_method("mezo-ln")(TrainConfig.make(method="mezo-ln"))
     default.prepare(load_model(str(tiny_models[arch]))[0])
     assert all(final_norm_name(model) + ".ln_tuning_layers" in n for n in default.params)  # default: the final norm
-    method = get_method("mezo-ln")(TrainConfig(method="mezo-ln", target_modules=["all"]))
+    method = get_method("mezo-ln")(TrainConfig.make(method="mezo-ln", target_modules=["all"]))
     model = method.prepare(model)
     assert method.num_trainable() == n_norm and not any(method.decays(n) for n in method.params)
     scorer, batch = Scorer(model, tok), synthetic_examples(8)

@@ -60,7 +60,7 @@ def test_ar1zo_steps_lower_the_loss_of_the_real_model_on_its_batch(smollm2):
     import copy
 
     model, tok, _ = smollm2
-    method = get_method("ar1zo")(TrainConfig(method="ar1zo", lora_r=8, lora_alpha=2))
+    method = get_method("ar1zo")(TrainConfig.make(method="ar1zo", lora_r=8, lora_alpha=2))
     model = method.prepare(copy.deepcopy(model))
     scorer = Scorer(model, tok)
     batch = load_task("rotten-tomatoes").train[:8]

@@ -125,7 +125,7 @@ def test_teacher_forcing_loss_drops_when_training_the_tiny_model(tiny_llama):
     from zotune.optim import ZOSGD
 
     model, tok, _ = load_model(str(tiny_llama))
-    method = get_method("mezo")(TrainConfig(method="mezo"))
+    method = get_method("mezo")(TrainConfig.make(method="mezo"))
     model = method.prepare(model)
     scorer = Scorer(model, tok)
     train = generation_examples(64, seed=1)

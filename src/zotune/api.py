@@ -23,11 +23,11 @@ from torch import nn
 
 from .calibration import Calibration
 from .config import TrainConfig
-from .engine import StepResult
+from .engine import StepResult, ZOEngine
 from .errors import ZOError
 from .methods import get_method
 from .methods.params import ParamsMethod, ParamsSpec
-from .train import build_engine
+from .setup import build_engine
 
 __all__ = ["ZOOptimizer", "ParamsMethod"]
 
@@ -44,8 +44,10 @@ def _config(method: str, lr: float | None, eps: float | None, queries: int, opti
         if "lora_r" in settings:
             raise ZOError("give the LoRA rank once: rank= or lora_r=, not both")
         settings["lora_r"] = settings.pop("rank")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - fields)
+    from .methods import option_owners
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"options"}
+    unknown = sorted(set(settings) - fields - set(option_owners()))
     if unknown:
         raise ZOError(f"unknown setting(s) {', '.join(unknown)}; ZOOptimizer takes TrainConfig fields "
                       f"(see `zotune train --help`), e.g. lora_r, lora_alpha, target_modules, weight_decay")
@@ -226,8 +228,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             "step": self.engine.step_count,
             "forward_passes": self.engine.forward_passes,
             "seed": self.engine.seed,
-            "eps": self.engine.eps,
-            "queries": self.engine.queries,
+            "eps": self.config.eps,
+            "queries": self.config.queries,
             "lr": [float(g["lr"]) for g in self.param_groups],
             "optimizer": self._optimizer.state_dict(),
             "method_state": self.method.state_dict(),
@@ -255,14 +257,16 @@ class ZOOptimizer(torch.optim.Optimizer):
                     p.copy_(saved[n])
         self.engine.step_count = int(state["step"])
         self.engine.forward_passes = int(state["forward_passes"])
-        self.engine.eps = float(state.get("eps", self.engine.eps))
-        self.engine.queries = int(state.get("queries", self.engine.queries))
+        self.config.eps = float(state.get("eps", self.config.eps))
+        self.config.queries = int(state.get("queries", self.config.queries))
+        if isinstance(self.engine, ZOEngine):
+            self.engine.eps, self.engine.queries = self.config.eps, self.config.queries
         for g, lr in zip(self.param_groups, state.get("lr", [])):
             g["lr"] = lr
         self._optimizer.load_state_dict(state.get("optimizer", {}))
         self.method.load_state_dict(state.get("method_state", {}))
 
     def __repr__(self) -> str:
-        return (f"ZOOptimizer(method={self.config.method!r}, lr={self.param_groups[0]['lr']}, eps={self.engine.eps}, "
-                f"queries={self.engine.queries}, optimizer={self.config.optimizer!r}, seed={self.engine.seed}, "
+        return (f"ZOOptimizer(method={self.config.method!r}, lr={self.param_groups[0]['lr']}, eps={self.config.eps}, "
+                f"queries={self.config.queries}, optimizer={self.config.optimizer!r}, seed={self.engine.seed}, "
                 f"trainable={self.num_trainable():,}, step={self.engine.step_count})")

@@ -58,7 +58,8 @@ class Entry:
     label: str
     settings: dict  # TrainConfig fields; must include "method"
     lr: float
-    tuned: bool = True  # False: a guess from the papers, not tuned on this model and task
+    tuned: bool = False  # True only with a probe: an lr picked on this model and task
+    probe: str = ""  # the committed file (relative to the repository) whose table shows the pick
 
 
 @dataclass
@@ -73,28 +74,21 @@ class Preset:
     evals: int = 3  # dev evaluations during a run, evenly spaced in forward passes (plus zero-shot and final)
 
 
-# Learning rates for methods a preset does not list (``--methods NAME``). Guesses from the papers,
-# scaled for SmolLM2-135M where we know better; every one is reported as untuned.
-GUESSED_LRS: dict[str, float] = {
-    "mezo": 1e-6, "mezo-ln": 1e-2, "mezo-lora": 3e-3, "ar1zo": 1.5e-2,
-    "lozo": 1e-6, "lozo-m": 1e-6, "subzero": 1e-6, "subzero-lora": 3e-3, "agzo": 1e-6,
-    "zoact": 1e-3, "fo-lora": 1e-4,
-}
-TUNED = {"mezo-lora", "ar1zo", "mezo-ln"}  # tuned on SmolLM2-135M (see TrainConfig.lr's help)
-
 SMOLLM_SETTINGS = dict(model="smollm2-135m", batch_size=16, train_size=1000, dev_size=500, eps=1e-2)
 # The method comparisons: CPU-sized (200 dev examples, 60 ZO steps), micro-batches of 4 halve the forward time
 COMPARE_SETTINGS = dict(SMOLLM_SETTINGS, dev_size=200, micro_batch_size=4)
+SST2_PROBE = "benchmarks/results/sst2_smollm2/README.md"  # the lr probe of the sst2-smollm2 entries
+TUNING = "benchmarks/results/default_job_tuning.md"  # the earlier SmolLM2 lr runs (mezo-lora, ar1zo)
 SMOLLM_ENTRIES: dict[str, Entry] = {e.label: e for e in [
-    Entry("mezo-lora", {"method": "mezo-lora"}, 3e-3),
-    Entry("ar1zo", {"method": "ar1zo"}, 1.5e-2),
-    Entry("zoact", {"method": "zoact", "optimizer": "adam"}, 5e-3),
-    Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, 5e-3),
+    Entry("mezo-lora", {"method": "mezo-lora"}, 3e-3, True, TUNING),
+    Entry("ar1zo", {"method": "ar1zo"}, 1.5e-2, True, TUNING),
+    Entry("zoact", {"method": "zoact", "optimizer": "adam"}, 5e-3, True, SST2_PROBE),
+    Entry("zoact-int8", {"method": "zoact", "optimizer": "adam", "quantize": "int8"}, 5e-3, True, SST2_PROBE),
     # full-parameter methods at the papers' eps (1e-3); the LoRA-space methods at SmolLM2's tuned 1e-2
-    Entry("lozo", {"method": "lozo", "eps": 1e-3}, 5e-5),
-    Entry("subzero", {"method": "subzero", "eps": 1e-3}, 5e-5),
-    Entry("agzo", {"method": "agzo", "eps": 1e-3}, 1e-3),
-    Entry("fo-lora", {"method": "fo-lora"}, 1e-3),
+    Entry("lozo", {"method": "lozo", "eps": 1e-3}, 5e-5, True, SST2_PROBE),
+    Entry("subzero", {"method": "subzero", "eps": 1e-3}, 5e-5, True, SST2_PROBE),
+    Entry("agzo", {"method": "agzo", "eps": 1e-3}, 1e-3, True, SST2_PROBE),
+    Entry("fo-lora", {"method": "fo-lora"}, 1e-3, True, SST2_PROBE),
 ]}
 
 
@@ -103,15 +97,15 @@ def _rank_sweep() -> list[Entry]:
     topologies = [("mezo-lora", {"method": "mezo-lora"}),
                   ("atom-canonical", {"method": "ar1zo", "ar1_scaling": "canonical"}),
                   ("ar1zo", {"method": "ar1zo", "ar1_scaling": "topology"})]
-    return [Entry(f"{name}-r{r}", {**settings, "lora_r": r}, 1.5e-2) for name, settings in topologies
+    return [Entry(f"{name}-r{r}", {**settings, "lora_r": r}, 1.5e-2, False) for name, settings in topologies
             for r in (1, 4, 16, 64)]
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("quick", "CI-sized: a tiny random llama (or --model PATH) on a synthetic task, two methods whose "
                     "steps cost 2 and 4 forwards, 48 forwards each",
-           [Entry("mezo-lora", {"method": "mezo-lora"}, 0.05, tuned=False),
-            Entry("ar1zo-q2", {"method": "ar1zo", "queries": 2}, 0.05, tuned=False)],
+           [Entry("mezo-lora", {"method": "mezo-lora"}, 0.05),
+            Entry("ar1zo-q2", {"method": "ar1zo", "queries": 2}, 0.05)],
            tasks=["synthetic"], seeds=[0, 1], budget=48,
            settings=dict(model="tiny-random", batch_size=8, train_size=64, dev_size=32, max_length=32)),
     Preset("sst2-smollm2", "SST-2 on SmolLM2-135M: every method at the same forward-pass budget, each at its "
@@ -161,14 +155,21 @@ def select(preset: Preset, methods: list[str] | None = None, tasks: list[str] | 
     """``preset`` with the command line's overrides.
 
     ``methods`` picks entries by label; a name that is no label of the preset adds
-    that method with default settings and a guessed (untuned) lr. ``lr`` replaces
-    every entry's lr (a shared-lr comparison).
+    that method with default settings at the method's own ``suggested_lr`` (marked
+    untuned unless the method says it was probed). ``lr`` replaces every entry's
+    lr (a shared-lr comparison).
     """
+    from .methods import get_method
+
     entries = preset.entries
     if methods:
         by_label = {e.label: e for e in preset.entries}
-        entries = [by_label.get(m) or Entry(m, {"method": m}, GUESSED_LRS.get(m, TrainConfig().lr), m in TUNED)
-                   for m in methods]
+
+        def added(name: str) -> Entry:
+            cls = get_method(name)
+            return Entry(name, {"method": name}, cls.suggested_lr, cls.suggested_lr_tuned)
+
+        entries = [by_label.get(m) or added(m) for m in methods]
     if lr is not None:
         entries = [dataclasses.replace(e, lr=lr, tuned=False) for e in entries]
     return dataclasses.replace(preset, entries=entries, tasks=tasks or preset.tasks, seeds=seeds or preset.seeds,
@@ -271,21 +272,13 @@ def reset_peak_memory(device: str) -> None:
 
 def measure_forward(cfg: TrainConfig, repeats: int = 7) -> float:
     """Median seconds of one no-grad loss evaluation on the run's first training batch, model built as
-    the run builds it (quantized base, calibration, adapter attached): the unit of the step-cost ratio."""
-    from .evaluate import Scorer
-    from .methods import get_method
-    from .models import load_model
-    from .train import batch_indices, build_engine, pick_device, pick_dtype, run_calibration, task_data
+    the run builds it (:func:`zotune.setup.setup`): the unit of the step-cost ratio."""
+    from .setup import batch_indices, load_data, setup
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    data = task_data(cfg).subsample(cfg.seed, cfg.train_size, cfg.dev_size, 0)
-    device = pick_device(cfg.device)
-    model, tok, _ = load_model(cfg.model, pick_dtype(cfg.dtype, device, get_method(cfg.method)), device)
-    model, _ = build_engine(cfg, model, calibration=run_calibration(cfg, data.train, tok))
+    data = load_data(cfg)
+    built = setup(dataclasses.replace(cfg, compile=False), data)
     batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, 0)]
-    scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
-                    micro_batch_size=cfg.micro_batch_size)  # the forward the run's steps are made of
+    scorer = built.scorer  # the forward the run's steps are made of
     for _ in range(2):  # warm-up: first-call allocations, thread pools
         scorer.loss(batch)
     times = []
@@ -293,7 +286,7 @@ def measure_forward(cfg: TrainConfig, repeats: int = 7) -> float:
         t = time.perf_counter()
         scorer.loss(batch)
         times.append(time.perf_counter() - t)
-    del model, scorer
+    del built, scorer
     gc.collect()
     return statistics.median(times)
 
@@ -325,7 +318,8 @@ def dev_curve(run: Run) -> list[tuple[int, float]]:
 
 def run_one(run: Run, retry_failed: bool = False) -> tuple[str, dict, str]:
     """Train (or skip, or resume) one grid point. Returns (what happened, summary or {}, error)."""
-    from .train import pick_device, train
+    from .hardware import pick_device
+    from .train import train
 
     failed = run.run_dir / "failed.json"
     if (run.run_dir / "summary.json").exists():
@@ -372,9 +366,17 @@ def row(run: Run, summary: dict, error: str, forward_s: float | None) -> dict:
         "counted_forward_passes": summary.get("forward_passes", 0),
         "wall_s": summary.get("wall_s", nan), "peak_memory_mb": summary.get("peak_memory_mb", nan),
         "step_s": nan if step_s is None else step_s, "forward_s": nan if forward_s is None else forward_s,
-        "step_cost_ratio": nan if step_s is None or not forward_s else step_s / (2 * forward_s),
+        "step_cost_ratio": step_cost_ratio(step_s, forward_s, per),
         "run_dir": str(run.run_dir), "error": error,
     }
+
+
+def step_cost_ratio(step_s: float | None, forward_s: float | None, forwards_per_step: int) -> float:
+    """A step's time over the forwards it makes (``forwards_per_step`` x one forward): 1.0 means the
+    step costs exactly its forward passes; above 1, what perturbing, restoring and updating add."""
+    if step_s is None or not forward_s:
+        return float("nan")
+    return step_s / (forwards_per_step * forward_s)
 
 
 def run_bench(preset: Preset, out: Path, retry_failed: bool = False, say=print) -> list[dict]:
@@ -434,7 +436,8 @@ def markdown(rows: list[dict], title: str) -> str:
         groups.setdefault((r["task"], r["method"]), []).append(r)
     lines = [f"# {title}", "",
              "Mean ± std over seeds (failed runs left out of the means). Step cost = median step time / "
-             "two forward passes measured on a training batch.", "",
+             "the forward passes the step makes (2 per query; agzo 3; fo-lora's forward+backward 3), each "
+             "timed on a training batch: 1.00 means a step costs exactly its forwards.", "",
              "| task | method | lr | ok/runs | dev before | dev final | dev best | test | steps | forward passes | "
              "wall s | peak MiB | step cost |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (task, method), rs in groups.items():

@@ -15,10 +15,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
 from .config import TrainConfig
 from .errors import ZOError
+from .options import coerce, default_of
 
 EXAMPLES = """\
 examples:
@@ -32,44 +31,67 @@ examples:
 """
 
 
+def setting_fields() -> dict[str, dataclasses.Field]:
+    """Every run setting by flat name: TrainConfig's fields, then each registered method's options."""
+    from .methods import METHODS
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")}
+    for cls in METHODS.values():
+        fields.update(cls.options_cls.settings())
+    return fields
+
+
+def _add_flag(parser, name: str, f: dataclasses.Field) -> None:
+    default = default_of(f)
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    parser.add_argument(
+        "--" + name.replace("_", "-"), dest=name, default=None,
+        metavar={bool: "BOOL", int: "N", float: "X", list: "A,B"}.get(type(default), "TEXT"),
+        help=f"{f.metadata['help']} (default: {shown if shown not in ('', []) else 'none'})",
+        **({"nargs": "?", "const": "true"} if isinstance(default, bool) else {}),  # bare --compile = true
+    )
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per setting; each method's own options in a group of their own."""
+    from .methods import METHODS, option_owners
+
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, default=None,
-            metavar={bool: "BOOL", int: "N", float: "X", list: "A,B"}.get(type(default), "TEXT"),
-            help=f"{f.metadata['help']} (default: {shown if shown not in ('', []) else 'none'})",
-            **({"nargs": "?", "const": "true"} if isinstance(default, bool) else {}),  # bare --compile = true
-        )
+        if not f.metadata.get("internal"):
+            _add_flag(parser, f.name, f)
+    groups: dict[type, list[str]] = {}
+    for name, cls in sorted(METHODS.items()):
+        if cls.options_cls.settings():
+            groups.setdefault(cls.options_cls, []).append(name)
+    owners = option_owners()
+    for options_cls, names in groups.items():
+        group = parser.add_argument_group(f"options of {', '.join(names)}")
+        for flat, f in options_cls.settings().items():
+            assert owners[flat] == names
+            _add_flag(group, flat, f)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = TrainConfig.from_yaml(args.config).to_dict() if args.config else {}
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    flags = {name: getattr(args, name) for name in setting_fields() if getattr(args, name, None) is not None}
     return TrainConfig.from_dict({**base, **flags}, source="command line")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .rundir import RunDir
     from .train import train
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise ZOError(f"cannot resume {run_dir}: no config.yaml there (not a run directory)")
-        others = [f.name for f in dataclasses.fields(TrainConfig)
-                  if getattr(args, f.name) is not None and f.name not in ("steps", "progress")]
+        if not (Path(args.resume) / "config.yaml").exists():
+            raise ZOError(f"cannot resume {args.resume}: no config.yaml there (not a run directory)")
+        others = [n for n in setting_fields() if getattr(args, n, None) is not None and n not in ("steps", "progress")]
         if others or args.config:
             raise ZOError(f"--resume takes the run's own config.yaml; only --steps and --progress may change "
                           f"(got --{(others or ['config'])[0].replace('_', '-')})")
-        overrides = {n: getattr(args, n) for n in ("steps", "progress") if getattr(args, n) is not None}
-        cfg = TrainConfig.from_dict({**TrainConfig.from_yaml(run_dir / "config.yaml").to_dict(), **overrides},
-                                    source="command line")
-        if args.steps is not None and os.environ.get("RANK", "0") == "0":  # the recorded config follows its
-            tmp = run_dir / ".config.yaml.tmp"                              # new length (atomically: under
-            tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # torchrun other ranks read it)
-            os.replace(tmp, run_dir / "config.yaml")
-        summary = train(cfg, resume=run_dir)
+        flag = lambda name: None if getattr(args, name) is None else coerce(setting_fields()[name],  # noqa: E731
+                                                                            getattr(args, name), "command line")
+        run = RunDir.open(args.resume, writable=os.environ.get("RANK", "0") == "0")  # rank 0 records a new length
+        summary = train(run.config(steps=flag("steps"), progress=flag("progress")), resume=run.path)
     else:
         summary = train(config_from_args(args))
     if summary is not None:  # under torchrun, rank 0 reports
@@ -85,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
     from .tasks import resolve_task
     from .tasks.icl import with_demonstrations
-    from .train import pick_device
+    from .hardware import pick_device
 
     device = pick_device(args.device)
     data = resolve_task(args.task, Path(args.data_dir) if args.data_dir else None)

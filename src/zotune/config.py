@@ -16,12 +16,10 @@ import yaml
 
 from .engine import DIFFERENCES
 from .errors import ZOError, require
+from .options import coerce, default_of, is_number, setting
 
 
-def _f(default: Any, help: str, **kw) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = setting
 
 
 @dataclass
@@ -63,22 +61,11 @@ class TrainConfig:
     target_modules: list = _f([], "what to adapt; empty: the method's default. LoRA methods: module names "
                                   "(default per architecture, e.g. q_proj,v_proj); mezo: parameter-name "
                                   "substrings; mezo-ln: norm module names or 'all' (default: the final norm)")
-    # AR1-ZO
-    ar1_scaling: str = _f("topology", "AR1-ZO scale: topology (lora_alpha = alpha*r, scale alpha) | canonical (alpha/r) | rslora (alpha/sqrt r)")
-    ar1_schedule: str = _f("cyclic", "AR1-ZO atom order: cyclic (k = step mod r) | random")
-    ar1_per_layer: bool = _f(False, "AR1-ZO: each layer picks its own atom (seeded offset / independent draw)")
-    # low-rank ZO baselines (methods/lozo.py, methods/subzero.py)
-    lozo_rank: int = _f(2, "LOZO/LOZO-M: rank r of the perturbation U·Vᵀ of each 2-D weight")
-    lozo_nu: int = _f(50, "LOZO/LOZO-M: V is redrawn every nu steps (U every step)")
-    subzero_rank: int = _f(24, "SubZero: rank r of the orthonormal bases U, V of each 2-D tensor (capped at its smaller side)")
-    subzero_T: int = _f(1000, "SubZero: the bases U, V are redrawn (QR of seeded Gaussians) every T steps")
-    # AGZO (activation-subspace directions R·Aᵀ on the adapted layers' full weights)
-    agzo_rank: int = _f(8, "AGZO: dimension k of each layer's activation basis A (recomputed every step)")
-    agzo_power_iters: int = _f(2, "AGZO: power (subspace) iterations computing A from the step's activations")
-    # ZO-Act (and any method that calibrates on data) and a quantized frozen base
-    zoact_rank: int = _f(16, "ZO-Act: k, the number of top activation directions U per layer (trainable C is "
-                             "d_out x k). Use it with --optimizer adam --lr 1e-3 (what we ran on SmolLM2/SST-2, untuned); "
-                             "--queries 1 is cheapest, more queries (e.g. 4) lower the variance at 2 forwards each")
+    # methods' own settings live in each method's file (an Options dataclass); here they are held by
+    # their flat names (ar1_scaling: canonical), so flags, YAML and ZOOptimizer keywords spell them alike
+    options: dict = _f({}, "the method's own settings by flat name (set them as --ar1-scaling, ar1_scaling: ...)",
+                       internal=True)
+    # methods that calibrate on data, and a quantized frozen base
     calib_examples: int = _f(32, "calibration examples (seeded, from the training split) run once through the "
                                  "frozen model by methods that calibrate (zoact)")
     quantize: str = _f("none", "store the frozen base's linear layers quantized: none | int8 | int4 "
@@ -132,7 +119,7 @@ class TrainConfig:
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
         require(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, "
                                                              f"got {self.dtype!r}")
-        require(len(self.betas) == 2 and all(_is_number(b) and 0 <= float(b) < 1 for b in self.betas),
+        require(len(self.betas) == 2 and all(is_number(b) and 0 <= float(b) < 1 for b in self.betas),
                 f"betas must be two numbers in [0, 1), got {self.betas}")
         require(all(isinstance(t, str) and t.strip() for t in self.target_modules),
                 f"target_modules must be names, got {self.target_modules}")
@@ -147,35 +134,67 @@ class TrainConfig:
         require(self.check_sync_every >= 0, f"check_sync_every must be >= 0, got {self.check_sync_every}")
         require(math.isfinite(self.max_loss_ratio) and self.max_loss_ratio >= 0,
                 f"max_loss_ratio must be >= 0 (0 disables it), got {self.max_loss_ratio}")
-        require(self.zoact_rank >= 1, f"zoact_rank must be >= 1, got {self.zoact_rank}")
         require(self.calib_examples >= 1, f"calib_examples must be >= 1, got {self.calib_examples}")
         require(self.quantize in ("none", "int8", "int4"), f"quantize must be none, int8 or int4, got {self.quantize!r}")
         require(len(self.betas) == 2, f"betas must be two numbers, got {self.betas}")
         require(self.scoring in ("restricted", "full"), f"scoring must be restricted or full, got {self.scoring!r}")
         require(self.micro_batch_size >= 0, f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
-        from .methods import get_method
+        from .methods import get_method, option_owners
         from .optim import OPTIMIZERS
         from .tasks import TASKS
 
-        get_method(self.method)
+        method = get_method(self.method)
+        owners = option_owners()
+        for key in sorted(set(self.options) - set(method.options_cls.settings())):
+            raise ZOError(f"setting {key} applies to method {', '.join(owners.get(key, ['(none)']))}, "
+                          f"not to {self.method!r}")
+        method.options_cls.from_settings(self.options, f"method {self.method!r}")  # validates each value
         require(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if not self.train_file and not self.task.endswith((".yaml", ".yml")):
             require(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(sorted(TASKS))}")
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat settings: the core fields, then the method's own options (its defaults filled in)."""
+        from .methods import get_method
+
+        data = dataclasses.asdict(self)
+        options = data.pop("options")
+        try:
+            resolved = get_method(self.method).options_cls.from_settings(options).to_settings()
+        except ZOError:  # an unknown method or a bad value: validate() says so; keep what was given
+            resolved = {}
+        return {**data, **resolved, **{k: v for k, v in options.items() if k not in resolved}}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k if isinstance(k, str) and k.isidentifier() else repr(k) for k in set(data) - names)
+        """Settings by flat name; a method's option goes to ``options`` (values of other methods' options
+        that equal their defaults are dropped, so a config written by an older zotune still reads)."""
+        from .methods import option_owners, get_method, METHODS
+
+        names = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        owners = option_owners()
+        unknown = sorted(k if isinstance(k, str) and k.isidentifier() else repr(k)
+                         for k in set(data) - names - set(owners))
         require(not unknown, f"{source}: unknown setting(s) {', '.join(unknown)}")
         cfg = cls()
         for f in dataclasses.fields(cls):
-            if f.name in data:
+            if f.name in data and f.name != "options":
                 setattr(cfg, f.name, coerce(f, data[f.name], source))
+        ours = set(get_method(cfg.method).options_cls.settings()) if cfg.method in METHODS else set()
+        for key in sorted(set(data) & set(owners)):
+            options_cls = METHODS[owners[key][0]].options_cls
+            f = options_cls.settings()[key]
+            value = coerce(f, data[key], source, key)
+            if key in ours or value != default_of(f):
+                cfg.options[key] = value
         return cfg
+
+    @classmethod
+    def make(cls, **settings: Any) -> "TrainConfig":
+        """A config from keyword settings, method options included: ``TrainConfig.make(method="ar1zo",
+        ar1_scaling="canonical")``."""
+        return cls.from_dict(settings, source="TrainConfig.make")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -190,39 +209,3 @@ class TrainConfig:
         require(isinstance(data, dict), f"{path}: expected a mapping of settings at the top level")
         return cls.from_dict({k.replace("-", "_") if isinstance(k, str) else k: v for k, v in data.items()}, str(path))
 
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
-    """Convert ``value`` to the type of field ``f``, or say which setting is wrong."""
-    kind = type(f.default) if f.default is not dataclasses.MISSING else list
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if value in (0, 1) and isinstance(value, (bool, int)):
-                return bool(value)
-            raise ValueError(value)
-        if kind is list:
-            if isinstance(value, str):
-                return [v for v in (x.strip() for x in value.split(",")) if v]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(value)
-            return list(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        if kind in (int, float) and isinstance(value, bool):
-            raise ValueError(value)
-        if kind is str and value is None:
-            return ""  # `text_pair_field:` (an empty YAML value) means none
-        if kind is str and not isinstance(value, (str, int, float)):
-            raise ValueError(value)  # a list or mapping where text belongs
-        return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ZOError(f"{source}: setting {f.name!r} expects {kind.__name__}, got {value!r}") from None

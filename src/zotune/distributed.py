@@ -67,11 +67,10 @@ class Cluster:
         """Install the engine's hooks for this cluster's kind of parallelism (none on one process)."""
         if self.world == 1:
             return engine
-        # The hooks live in ZOEngine.step: an engine with its own step (AGZO's per-rank activation
-        # bases, first-order backprop) would let the ranks drift apart, so it is refused up front.
-        require(isinstance(engine, ZOEngine) and type(engine).step is ZOEngine.step,
-                f"distributed training needs the standard ZO step; method {engine.method.name!r} "
-                f"runs its own ({type(engine).__name__})")
+        # The hooks live in ZOEngine.step; a method whose ranks would drift apart (AGZO's per-rank
+        # activation bases, first-order backprop) declares itself not distributable.
+        require(engine.method.distributable, f"distributed training: method {engine.method.name!r} cannot run "
+                                             f"on several ranks exchanging scalars only")
         if self.parallel == "data":
             engine.reduce = self._mean_over_shards
         else:

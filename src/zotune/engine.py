@@ -20,6 +20,8 @@ Two properties the rest of zotune relies on:
   every weight bit-identical (MeZO's +eps, -2eps, +eps drifts in floating point).
   The snapshot costs the size of the queried tensors: tiny for LoRA atoms or
   coefficient matrices, one extra copy of the weights for full-parameter MeZO.
+* **A step's cost is the method's** (:meth:`Method.forward_cost`), counted here
+  and nowhere else: replay, budgets and benchmarks read the same number.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ class StepResult:
 class ZOEngine:
     """Runs ZO steps for one method and one optimizer.
 
+    :meth:`step` is the one perturb/evaluate/restore loop of zotune; a method
+    that needs an unperturbed forward first (AGZO's activation bases) gets it
+    through :meth:`Method.begin_step`, not through a copy of the loop.
+    :meth:`replay` re-applies logged steps through the same update path
+    (:meth:`apply`), so a replayed run does the same float operations.
+
     Three hooks let :mod:`zotune.distributed` spread a step over processes while
     only scalars cross the wire; on one process they do nothing:
 
@@ -106,16 +114,19 @@ class ZOEngine:
 
     @torch.no_grad()
     def step(self, loss_fn: Callable[[], float | torch.Tensor], lr: float) -> StepResult:
-        views = self.method.views(self.step_count)  # [(name, tensor or view)] queried this step
-        snapshot = [v.detach().clone() for _, v in views]
-        restore = lambda: [v.copy_(s) for (_, v), s in zip(views, snapshot)]
+        step = self.step_count
         loss = lambda: float(self.reduce(float(loss_fn())))
         central = self.difference == "central"
+        loss_0 = self.method.begin_step(QueryKey(self.seed, step, 0), loss)  # AGZO: bases + L(theta)
+        views = self.method.views(step)  # [(name, tensor or view)] queried this step
+        snapshot = [v.detach().clone() for _, v in views]
+        restore = lambda: [v.copy_(s) for (_, v), s in zip(views, snapshot)]
         results = []  # (query, g, loss at theta to first order)
         try:
-            loss_0 = None if central else loss()  # forward differences: L(theta), shared by every query
+            if not central and loss_0 is None:
+                loss_0 = loss()  # forward differences: L(theta), shared by every query
             for q in self.local_queries():
-                key = QueryKey(self.seed, self.step_count, q)
+                key = QueryKey(self.seed, step, q)
                 for (name, v) in views:
                     v.add_(self.method.direction(name, v, key), alpha=self.eps)
                 loss_plus = loss()
@@ -131,12 +142,34 @@ class ZOEngine:
             restore()
             raise
         results = self.gather(results)  # checked after gathering, so every process stops alike
-        if not all(math.isfinite(g) and math.isfinite(l) for _, g, l in results):
-            raise FloatingPointError(f"non-finite loss at step {self.step_count}")
-        keys = [QueryKey(self.seed, self.step_count, q) for q, _, _ in results]
+        if not all(math.isfinite(g) and math.isfinite(l) for _, g, l in results) or \
+                (loss_0 is not None and not math.isfinite(loss_0)):
+            raise FloatingPointError(f"non-finite loss at step {step}")
         grads = [g for _, g, _ in results]
+        spent = self.apply(step, grads, lr, views)
+        reported = loss_0 if loss_0 is not None else sum(l for *_, l in results) / len(results)
+        return StepResult(step, reported, grads, spent, [QueryKey(self.seed, step, q) for q, _, _ in results])
+
+    def apply(self, step: int, grads: list[float], lr: float, views=None) -> int:
+        """The update of ``step`` from its slopes (one per query, in query order): shared by :meth:`step`
+        and :meth:`replay`. Advances the counters; returns the forward passes the step cost."""
+        views = self.method.views(step) if views is None else views
+        keys = [QueryKey(self.seed, step, q) for q in range(len(grads))]
         self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
-        spent = 2 * len(results) if central else 1 + len(results)
+        spent = self.method.forward_cost(len(grads), self.difference)
         self.forward_passes += spent
-        self.step_count += 1
-        return StepResult(self.step_count - 1, sum(l for *_, l in results) / len(results), grads, spent, keys)
+        self.step_count = step + 1
+        return spent
+
+    def replay(self, rows: list[dict]) -> None:
+        """Apply logged steps (``{"step", "g", "lr"}`` rows, in order) to the freshly prepared method."""
+        require_replayable(self.method, rows)
+        for row in rows:
+            self.apply(row["step"], row["g"], row["lr"])
+
+
+def require_replayable(method, rows: list[dict]) -> None:
+    """Refuse to rebuild a method whose trajectory of scalars does not determine its tensors."""
+    if rows and not method.replayable:
+        raise ZOError(f"{method.name} runs cannot be replayed or resumed from their trajectory: "
+                      f"{method.not_replayable}")

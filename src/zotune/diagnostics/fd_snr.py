@@ -37,10 +37,9 @@ import torch
 from ..config import TrainConfig
 from ..engine import QueryKey
 from ..evaluate import Scorer
-from ..methods import get_method, prepare_seeded
 from ..models import load_model
 from ..tasks import resolve_task
-from ..train import batch_indices
+from ..setup import batch_indices, build_engine
 
 CONFIGS: dict[str, tuple[str, str]] = {
     "mezo-lora": ("mezo-lora", "canonical"),
@@ -109,10 +108,10 @@ def measure(cfg: SNRConfig, progress: bool = True) -> list[dict]:
     for config, r, point in jobs:
         method_name, scaling = CONFIGS[config]
         model = copy.deepcopy(base)  # peft wraps in place: every point starts from the same base
-        tc = TrainConfig(method=method_name, lora_r=r, lora_alpha=cfg.lora_alpha, ar1_scaling=scaling,
-                         seed=cfg.seed)
-        method = get_method(method_name)(tc)
-        model = prepare_seeded(method, model, cfg.seed)  # the same A at every rank, whatever the scaling
+        tc = TrainConfig.make(method=method_name, lora_r=r, lora_alpha=cfg.lora_alpha, seed=cfg.seed,
+                              **({"ar1_scaling": scaling} if method_name == "ar1zo" else {}))
+        model, engine = build_engine(tc, model)  # the same A at every rank (seeded), whatever the scaling
+        method = engine.method
         if point == "warm":
             _warm_start(method, model, cfg.warm_norm, cfg.seed)
         scorer = Scorer(model, tok)

@@ -32,32 +32,47 @@ one-sided estimate free:
 
 Both are counted in ``forward_passes``. The step's reported loss is L(θ).
 
+The shared engine runs that forward through :meth:`AGZO.begin_step`
+(``unperturbed_forward = True``); the perturb/evaluate/restore loop is the
+engine's, as for every method.
+
 Reproducibility: R comes from the seed (run seed, step, query, layer) as every
 zotune direction; Ω's start too. A, however, is a function of the batch and the
-weights, which a trajectory of scalars does not hold, so ``zotune replay`` and
-``zotune train --resume`` refuse agzo runs with a ZOError. Resume through
-:class:`zotune.ZOOptimizer` ``state_dict()`` is exact: it holds the weights and
-the optimizer state, and the next step recomputes A from its own batch, so no
-basis needs saving.
+weights, which a trajectory of scalars does not hold, so agzo is declared not
+``replayable``: ``zotune replay`` and ``zotune train --resume`` refuse it with a
+ZOError. Resume through :class:`zotune.ZOOptimizer` ``state_dict()`` is exact:
+it holds the weights and the optimizer state, and the next step recomputes A
+from its own batch, so no basis needs saving.
 
-Not for data-parallel runs as is: each rank would compute A from its own shard,
-so ranks would perturb along different directions (the bases would have to be
+Not ``distributable`` as is: each rank would compute A from its own shard, so
+ranks would perturb along different directions (the bases would have to be
 agreed on first, e.g. by all-reducing the activation products).
 """
 
 from __future__ import annotations
 
-import math
-
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..adapters import target_modules
-from ..engine import QueryKey, StepResult, ZOEngine, tensor_seed
+from ..engine import QueryKey, tensor_seed
 from ..errors import ZOError
+from ..options import Options, setting
 from .base import Method, register
+
+
+@dataclass
+class AGZOOptions(Options):
+    prefix = "agzo"
+    rank: int = setting(8, "AGZO: dimension k of each layer's activation basis A (recomputed every step)")
+    power_iters: int = setting(2, "AGZO: power (subspace) iterations computing A from the step's activations")
+
+    def validate(self) -> None:
+        self.check("agzo_rank", self.rank >= 1, ">= 1")
+        self.check("agzo_power_iters", self.power_iters >= 1, ">= 1")
 
 
 def activation_basis(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Tensor:
@@ -83,13 +98,17 @@ def is_transposed(module: nn.Module) -> bool:
 class AGZO(Method):
     name = "agzo"
     is_adapter = False
+    options_cls = AGZOOptions
+    suggested_lr = 1e-3  # probed on SST-2 / SmolLM2-135M at eps 1e-3 (benchmarks/results/sst2_smollm2)
+    suggested_lr_tuned = True
+    unperturbed_forward = True
+    replayable = False
+    not_replayable = ("each direction depends on the activations of that step's batch, which the trajectory does "
+                      "not hold; start the run again (ZOOptimizer.state_dict() resumes exactly)")
+    distributable = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        if cfg.agzo_rank < 1:
-            raise ZOError(f"agzo_rank must be >= 1, got {cfg.agzo_rank}")
-        if cfg.agzo_power_iters < 1:
-            raise ZOError(f"agzo_power_iters must be >= 1, got {cfg.agzo_power_iters}")
         from transformers.pytorch_utils import Conv1D
 
         wanted = set(target_modules(model, cfg.target_modules or None))
@@ -102,7 +121,7 @@ class AGZO(Method):
         if not self.layers:
             raise ZOError(f"agzo: no linear layer named {', '.join(sorted(wanted))}")
         self.params = {n: m.weight for n, m in self.layers.items()}
-        self.rank = min(cfg.agzo_rank, *(self.d_in(m) for m in self.layers.values()))
+        self.rank = min(self.options.rank, *(self.d_in(m) for m in self.layers.values()))
         # The attention mask of the current forward, so padding tokens stay out of A.
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
@@ -123,23 +142,17 @@ class AGZO(Method):
         basis = self.bases.get(name)
         if basis is None:
             raise ZOError("agzo: no activation basis for this step; its directions exist only after "
-                          "the step's unperturbed forward (AGZOEngine.step)")
+                          "the step's unperturbed forward (begin_step)")
         d_out = like.shape[1] if is_transposed(self.layers[name]) else like.shape[0]
         gen = torch.Generator(device=basis.device).manual_seed(tensor_seed(key, name))
         r = torch.randn(d_out, basis.shape[1], generator=gen, device=basis.device)
         z = r @ basis.T
         return (z.T if is_transposed(self.layers[name]) else z).to(like.dtype)
 
-    @classmethod
-    def forwards_per_step(cls, cfg) -> int:
-        """One unperturbed forward (the basis and L(θ)), then 2 per query (central) or 1 (forward)."""
-        return 1 + (2 if cfg.difference == "central" else 1) * cfg.queries
-
-    def build_engine(self, cfg) -> "AGZOEngine":
-        from ..optim import make_optimizer
-
-        optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
-        return AGZOEngine(self, optimizer, cfg.eps, cfg.queries, cfg.seed, difference=cfg.difference)
+    def begin_step(self, key: QueryKey, evaluate) -> float:
+        """The step's unperturbed forward: every layer's basis A from its inputs, and L(θ) for free."""
+        with self.capture(key):
+            return evaluate()
 
 
 class Capture:
@@ -174,7 +187,7 @@ class Capture:
         if missing:
             raise ZOError(f"agzo: the loss did not run through adapted layer {missing[0]}")
         for name, chunks in self.inputs.items():
-            m.bases[name] = activation_basis(torch.cat(chunks), m.rank, m.cfg.agzo_power_iters,
+            m.bases[name] = activation_basis(torch.cat(chunks), m.rank, m.options.power_iters,
                                              tensor_seed(self.key, name, "agzo-basis"))
         self.inputs = {}
 
@@ -188,58 +201,3 @@ class Capture:
                 x = x[self.mask.bool()]  # real tokens only: padding never reaches the loss
             self.inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).detach())
         return hook
-
-
-class AGZOEngine(ZOEngine):
-    """A ZO step preceded by one unperturbed, hooked forward that computes the bases (and L(θ))."""
-
-    def __init__(self, method: AGZO, optimizer, eps: float, queries: int = 1, seed: int = 0,
-                 reduce=None, difference: str = "central"):
-        super().__init__(method, optimizer, eps, queries, seed, reduce, difference)
-
-    def forwards_per_step(self) -> int:
-        return 1 + (2 if self.difference == "central" else 1) * self.queries
-
-    def _loss(self, loss_fn: Callable[[], float | torch.Tensor]) -> float:
-        """One counted forward; a non-finite loss stops the step (the caller restores the weights)."""
-        self.forward_passes += 1
-        value = float(self.reduce(float(loss_fn())))
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite loss {value} at step {self.step_count}")
-        return value
-
-    @torch.no_grad()
-    def step(self, loss_fn: Callable[[], float | torch.Tensor], lr: float) -> StepResult:
-        with self.method.capture(QueryKey(self.seed, self.step_count, 0)):
-            loss_0 = self._loss(loss_fn)  # unperturbed: the bases, and L(θ) for free
-        views = self.method.views(self.step_count)
-        snapshot = [v.detach().clone() for _, v in views]
-        restore = lambda: [v.copy_(s) for (_, v), s in zip(views, snapshot)]
-        keys, grads = [], []
-        try:
-            for q in range(self.queries):
-                key = QueryKey(self.seed, self.step_count, q)
-                for name, v in views:
-                    v.add_(self.method.direction(name, v, key), alpha=self.eps)
-                loss_plus = self._loss(loss_fn)
-                if self.difference == "central":
-                    for (_, v), s in zip(views, snapshot):  # θ − εz = 2θ − (θ + εz)
-                        v.mul_(-1).add_(s, alpha=2)
-                    grads.append((loss_plus - self._loss(loss_fn)) / (2 * self.eps))
-                else:
-                    grads.append((loss_plus - loss_0) / self.eps)
-                restore()
-                keys.append(key)
-        except BaseException:
-            restore()
-            raise
-        self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
-        self.step_count += 1
-        return StepResult(self.step_count - 1, loss_0, grads, self.forwards_per_step(), keys)
-
-    def replay(self, rows: list[dict]) -> None:
-        """A trajectory cannot rebuild agzo: its directions depend on each step's activations."""
-        if rows:
-            raise ZOError("agzo runs cannot be replayed or resumed from their trajectory: each direction "
-                          "depends on the activations of that step's batch, which the trajectory does not "
-                          "hold; start the run again (ZOOptimizer.state_dict() resumes exactly)")

@@ -16,6 +16,7 @@ The stored adapter is a plain peft LoRA adapter of rank r with lora_alpha = γ.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,9 +24,24 @@ from torch import nn
 from ..adapters import attach_lora, lora_params
 from ..engine import tensor_seed, QueryKey
 from ..errors import ZOError
+from ..options import Options, setting
 from .base import Method, register
 
 SCALINGS = ("topology", "canonical", "rslora")
+SCHEDULES = ("cyclic", "random")
+
+
+@dataclass
+class AR1Options(Options):
+    prefix = "ar1"
+    scaling: str = setting("topology", "AR1-ZO scale: topology (lora_alpha = alpha*r, scale alpha) | canonical "
+                                       "(alpha/r) | rslora (alpha/sqrt r)")
+    schedule: str = setting("cyclic", "AR1-ZO atom order: cyclic (k = step mod r) | random")
+    per_layer: bool = setting(False, "AR1-ZO: each layer picks its own atom (seeded offset / independent draw)")
+
+    def validate(self) -> None:
+        self.check("ar1_scaling", self.scaling in SCALINGS, f"one of {', '.join(SCALINGS)}")
+        self.check("ar1_schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}")
 
 
 def lora_alpha_for(scaling: str, alpha: float, r: int) -> tuple[float, bool]:
@@ -43,14 +59,15 @@ def lora_alpha_for(scaling: str, alpha: float, r: int) -> tuple[float, bool]:
 class AR1ZO(Method):
     name = "ar1zo"
     bf16_base = True
+    options_cls = AR1Options
+    suggested_lr = 1.5e-2  # probed on SST-2 / SmolLM2-135M (r=8, SGD)
+    suggested_lr_tuned = True
     default_alpha = 2.0  # scale 2 at every rank: MeZO-LoRA's 16/8 at r=8, so lrs transfer at r=8
 
     def prepare(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
-        if cfg.ar1_schedule not in ("cyclic", "random"):
-            raise ZOError(f"unknown AR1 schedule {cfg.ar1_schedule!r}; choose cyclic or random")
         self.rank = cfg.lora_r
-        gamma, rslora = lora_alpha_for(cfg.ar1_scaling, cfg.lora_alpha or self.default_alpha, self.rank)
+        gamma, rslora = lora_alpha_for(self.options.scaling, cfg.lora_alpha or self.default_alpha, self.rank)
         model = attach_lora(model, self.rank, gamma, cfg.target_modules or None, use_rslora=rslora)
         self.params = lora_params(model)
         # Pair each layer's A (r x d_in) with its B (d_out x r): one atom = (row k of A, column k of B).
@@ -61,9 +78,9 @@ class AR1ZO(Method):
 
     def atom(self, step: int, layer: int) -> int:
         """Index k of the atom queried at ``step`` in layer number ``layer``."""
-        if self.cfg.ar1_schedule == "cyclic":
-            return (step + (self.offsets[layer] if self.cfg.ar1_per_layer else 0)) % self.rank
-        salt = self.layers[layer][0] if self.cfg.ar1_per_layer else ""
+        if self.options.schedule == "cyclic":
+            return (step + (self.offsets[layer] if self.options.per_layer else 0)) % self.rank
+        salt = self.layers[layer][0] if self.options.per_layer else ""
         return random.Random(tensor_seed(QueryKey(self.cfg.seed, step, 0), "atom", salt)).randrange(self.rank)
 
     def views(self, step: int) -> list[tuple[str, torch.Tensor]]:

@@ -10,7 +10,11 @@ A method answers the first two of zotune's three questions:
 
 The third (how estimates become updates) belongs to :mod:`zotune.optim`, and
 the perturb/evaluate/restore loop to :mod:`zotune.engine`. Adding a method is
-adding one file that subclasses :class:`Method` and calls :func:`register`.
+adding one file that subclasses :class:`Method` and calls :func:`register`:
+its settings are an :class:`~zotune.options.Options` dataclass in the same file
+(``options_cls``), and what it can do is declared as class attributes
+(``replayable``, ``distributable``, ``unperturbed_forward``, ...), so nothing
+outside the file guesses at it.
 """
 
 from __future__ import annotations
@@ -23,14 +27,34 @@ from torch import nn
 
 from ..engine import QueryKey, ZOEngine, gaussian_like, tensor_seed
 from ..errors import ZOError
+from ..options import NoOptions, Options
 
 METHODS: dict[str, type["Method"]] = {}
 
 
 def register(cls: type["Method"]) -> type["Method"]:
-    """Class decorator: make a method available under its ``name``."""
+    """Class decorator: make a method available under its ``name``.
+
+    Its options' flat names must not clash with another method's options of a
+    different class (methods that share options share the class, e.g. lozo/lozo-m).
+    """
+    if not cls.name or not isinstance(cls.suggested_lr, float):
+        raise TypeError(f"{cls.__name__}: a registered method needs a name and a float suggested_lr")
+    for other in METHODS.values():
+        clash = set(cls.options_cls.settings()) & set(other.options_cls.settings())
+        if clash and other.options_cls is not cls.options_cls:
+            raise TypeError(f"{cls.__name__}: option(s) {sorted(clash)} already belong to method {other.name!r}")
     METHODS[cls.name] = cls
     return cls
+
+
+def option_owners() -> dict[str, list[str]]:
+    """Flat option name -> the registered methods that take it (for flags, YAML and error messages)."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in sorted(METHODS.items()):
+        for flat in cls.options_cls.settings():
+            owners.setdefault(flat, []).append(name)
+    return owners
 
 
 def get_method(name: str) -> type["Method"]:
@@ -46,10 +70,26 @@ class Method:
     """Base class: Gaussian directions over whole trainable tensors (MeZO's rule).
 
     Subclasses set ``name`` and implement :meth:`prepare`; most override nothing
-    else. ``cfg`` is the run's :class:`~zotune.config.TrainConfig`.
+    else. ``cfg`` is the run's :class:`~zotune.config.TrainConfig`; the method's
+    own settings are ``self.options`` (an instance of ``options_cls``).
     """
 
     name: ClassVar[str] = ""
+    #: The method's own settings (a dataclass in its file); flags/YAML keys are ``<prefix>_<field>``.
+    options_cls: ClassVar[type[Options]] = NoOptions
+    #: The lr to start from when none is given for this method (``zotune bench --methods NAME``);
+    #: ``suggested_lr_tuned`` says whether it was picked by a probe (on SmolLM2-135M) or guessed.
+    suggested_lr: ClassVar[float] = 1e-3
+    suggested_lr_tuned: ClassVar[bool] = False
+    #: Whether the run's trajectory of scalars (step, g, lr) rebuilds the trained tensors: then
+    #: ``--resume`` and ``zotune replay`` work. False for directions that depend on data or for
+    #: first-order steps; ``not_replayable`` then says why.
+    replayable: ClassVar[bool] = True
+    not_replayable: ClassVar[str] = ""
+    #: Whether ranks under torchrun can run this method exchanging scalars only.
+    distributable: ClassVar[bool] = True
+    #: Whether each step starts with one unperturbed, counted forward (:meth:`begin_step`).
+    unperturbed_forward: ClassVar[bool] = False
     #: True when the trainable tensors are an adapter saved in PEFT format.
     is_adapter: ClassVar[bool] = True
     #: True when :meth:`prepare` needs :meth:`calibrate` first (a query space chosen from data).
@@ -61,6 +101,8 @@ class Method:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        settings = getattr(cfg, "options", None) or {}
+        self.options = self.options_cls.from_settings(settings, f"method {self.name!r}")
         self.params: dict[str, nn.Parameter] = {}
         #: What calibration computed (flat name -> tensor). A run directory keeps it
         #: (``calibration.safetensors``) and resume/replay set it back instead of recalibrating.
@@ -81,6 +123,14 @@ class Method:
         """The (name, tensor-or-view) pairs perturbed at ``step``. Default: all trainable tensors."""
         return [(n, p.data) for n, p in self.params.items()]
 
+    def begin_step(self, key: QueryKey, evaluate) -> float | None:
+        """Called by the engine before anything is perturbed; ``evaluate()`` is one counted forward.
+
+        A method with ``unperturbed_forward`` runs it here (e.g. to compute the
+        step's directions from activations) and returns L(θ); others return None.
+        """
+        return None
+
     def direction(self, name: str, like: torch.Tensor, key: QueryKey) -> torch.Tensor:
         """The direction z for one view; must be a pure function of (name, key)."""
         return gaussian_like(like, tensor_seed(key, name))
@@ -96,29 +146,41 @@ class Method:
         """Write what was trained: a PEFT adapter folder, or the full model for base-weight methods."""
         model.save_pretrained(path)
 
-    def build_engine(self, cfg: Any) -> ZOEngine:
-        """The engine that runs this method's steps: a :class:`ZOEngine` with the configured optimizer.
+    def make_optimizer(self, cfg: Any):
+        """How this method's slopes become updates: the configured ZO-SGD, momentum or Adam.
 
-        Override it for a method with its own update rule (e.g. momentum kept in a
-        factor space) or with no ZO step at all (first-order LoRA): the recipe only
-        needs an object with ``step(loss_fn, lr) -> StepResult``, ``step_count``
-        and ``forward_passes``.
+        Override it for a method with its own update rule (LOZO-M's momentum in factor space).
         """
         from ..optim import make_optimizer
 
-        optimizer = make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
-        return ZOEngine(self, optimizer, cfg.eps, cfg.queries, cfg.seed, difference=cfg.difference)
+        return make_optimizer(cfg.optimizer, cfg.weight_decay, cfg.momentum, tuple(float(b) for b in cfg.betas))
+
+    def build_engine(self, cfg: Any) -> ZOEngine:
+        """The engine that runs this method's steps: the shared :class:`ZOEngine`.
+
+        Only a method with no ZO step at all (first-order LoRA) overrides it.
+        """
+        return ZOEngine(self, self.make_optimizer(cfg), cfg.eps, cfg.queries, cfg.seed, difference=cfg.difference)
+
+    @classmethod
+    def forward_cost(cls, queries: int, difference: str) -> int:
+        """Forward-pass equivalents one step costs: the one place this is computed.
+
+        The engine counts it, replay recounts it, the budget logic and the bench's
+        step-cost ratio divide by it. A ZO step spends two forward passes per
+        query (central differences) or one per query plus the shared L(θ)
+        (forward differences); an ``unperturbed_forward`` adds one to central
+        differences (with forward differences it *is* the L(θ)). A method whose
+        step is not built of such forwards overrides this (first-order LoRA: 3).
+        """
+        if difference == "central":
+            return 2 * queries + (1 if cls.unperturbed_forward else 0)
+        return 1 + queries
 
     @classmethod
     def forwards_per_step(cls, cfg: Any) -> int:
-        """Forward-pass equivalents one step costs, the unit budgets are compared in (``zotune bench``).
-
-        A ZO step spends two forward passes per query (central differences) or
-        one per query plus the shared L(θ) (forward differences). A method whose
-        step is not built of such forwards overrides this: first-order LoRA
-        counts its forward + backward as 3 forward passes.
-        """
-        return 2 * cfg.queries if cfg.difference == "central" else 1 + cfg.queries
+        """:meth:`forward_cost` for a run's config."""
+        return cls.forward_cost(cfg.queries, cfg.difference)
 
     def state_dict(self) -> dict:
         """Method state needed to resume exactly (schedules, bases, ...); none by default."""

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..engine import StepResult
+from ..engine import StepResult, require_replayable
 from ..errors import ZOError
 from .base import register
 from .lora import MeZOLoRA
@@ -43,6 +43,12 @@ FO_STEP_COST = 3
 @register
 class FOLoRA(MeZOLoRA):
     name = "fo-lora"
+    suggested_lr = 1e-3  # AdamW, probed on SST-2 / SmolLM2-135M
+    suggested_lr_tuned = True
+    replayable = False
+    not_replayable = ("a backprop update depends on full gradients, not on logged scalars; start the run again "
+                      "(ZOOptimizer.state_dict() resumes exactly)")
+    distributable = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = super().prepare(model)  # peft LoRA, frozen base; lora_params turned grads off
@@ -51,8 +57,8 @@ class FOLoRA(MeZOLoRA):
         return model
 
     @classmethod
-    def forwards_per_step(cls, cfg) -> int:
-        return FO_STEP_COST
+    def forward_cost(cls, queries: int, difference: str) -> int:
+        return FO_STEP_COST  # one forward + one backward, whatever the ZO settings say
 
     def build_engine(self, cfg) -> "FOEngine":
         return FOEngine(self, cfg.weight_decay, tuple(float(b) for b in cfg.betas), cfg.seed)
@@ -61,9 +67,9 @@ class FOLoRA(MeZOLoRA):
 class FOEngine:
     """Backprop + ``torch.optim.AdamW`` behind the recipe's engine interface.
 
-    ``step(loss_fn, lr) -> StepResult``, ``step_count``, ``forward_passes`` and
-    ``optimizer`` (with ``state_dict``/``load_state_dict``) as :class:`ZOEngine`;
-    ``eps``/``queries`` exist only so code that reads them keeps working.
+    ``step(loss_fn, lr) -> StepResult``, ``replay(rows)``, ``step_count``,
+    ``forward_passes`` and ``optimizer`` (with ``state_dict``/``load_state_dict``)
+    as :class:`ZOEngine`.
     """
 
     def __init__(self, method: FOLoRA, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
@@ -71,7 +77,7 @@ class FOEngine:
         self.method = method
         self.optimizer = torch.optim.AdamW(list(method.params.values()), lr=0.0, betas=betas,
                                            weight_decay=weight_decay)
-        self.seed, self.eps, self.queries = seed, 0.0, 1
+        self.seed = seed
         self.step_count = 0
         self.forward_passes = 0
 
@@ -95,6 +101,4 @@ class FOEngine:
         return StepResult(self.step_count - 1, value, [], FO_STEP_COST, [])
 
     def replay(self, rows: list[dict]) -> None:
-        if rows:
-            raise ZOError("fo-lora runs cannot be resumed or replayed from their trajectory: a backprop "
-                          "update depends on full gradients, not on logged scalars; start the run again")
+        require_replayable(self.method, rows)  # fo-lora is not replayable: this refuses any logged step

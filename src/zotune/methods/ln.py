@@ -44,6 +44,8 @@ def final_norm_name(model: nn.Module) -> str:
 @register
 class MeZOLN(Method):
     name = "mezo-ln"
+    suggested_lr = 1e-2  # tuned for the default job (Rotten Tomatoes, SmolLM2-135M)
+    suggested_lr_tuned = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         from peft import LNTuningConfig, get_peft_model

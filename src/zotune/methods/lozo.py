@@ -38,14 +38,27 @@ function of the trajectory, so replay-based resume rebuilds it exactly.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from ..engine import QueryKey, ZOEngine, gaussian_like, tensor_seed
+from ..engine import QueryKey, gaussian_like, tensor_seed
 from ..errors import ZOError
 from ..optim import ZOSGD
+from ..options import Options, setting
 from .base import register
 from .mezo import MeZO
+
+
+@dataclass
+class LOZOOptions(Options):
+    prefix = "lozo"
+    rank: int = setting(2, "LOZO/LOZO-M: rank r of the perturbation U·Vᵀ of each 2-D weight")
+    nu: int = setting(50, "LOZO/LOZO-M: V is redrawn every nu steps (U every step)")
+
+    def validate(self) -> None:
+        self.check("lozo_rank", self.rank >= 1, ">= 1")
+        self.check("lozo_nu", self.nu >= 1, ">= 1")
 
 
 def gaussian(shape: tuple[int, ...], seed: int, like: torch.Tensor) -> torch.Tensor:
@@ -63,25 +76,21 @@ class LOZO(MeZO):
     """LOZO (Chen et al., ICLR 2025): U·Vᵀ/√r per weight matrix, U fresh each step, V redrawn every ν steps."""
 
     name = "lozo"
+    options_cls = LOZOOptions
+    suggested_lr = 5e-5  # probed on SST-2 / SmolLM2-135M at eps 1e-3 (benchmarks/results/sst2_smollm2)
+    suggested_lr_tuned = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self._v_cache: dict[str, tuple[int, int, torch.Tensor]] = {}  # name -> (seed, epoch, V)
 
-    def prepare(self, model):
-        if self.cfg.lozo_rank < 1:
-            raise ZOError(f"lozo_rank must be >= 1, got {self.cfg.lozo_rank}")
-        if self.cfg.lozo_nu < 1:
-            raise ZOError(f"lozo_nu must be >= 1, got {self.cfg.lozo_nu}")
-        return super().prepare(model)
-
     @property
     def rank(self) -> int:
-        return self.cfg.lozo_rank
+        return self.options.rank
 
     def epoch(self, step: int) -> int:
         """Index of the V-epoch containing ``step``: V is fixed for ν consecutive steps."""
-        return step // self.cfg.lozo_nu
+        return step // self.options.nu
 
     def v_factor(self, name: str, like: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
         """V ∈ R^{n×r} of ``name`` for ``epoch`` (cached for the current epoch; same values either way)."""
@@ -156,11 +165,11 @@ class LOZOM(LOZO):
     """LOZO-M: LOZO's directions with momentum kept as an m×r factor per matrix, projected when V changes."""
 
     name = "lozo-m"
+    suggested_lr_tuned = False
 
-    def build_engine(self, cfg) -> ZOEngine:
+    def make_optimizer(self, cfg) -> LowRankMomentum:
         """LOZO-M owns its update rule (momentum in factor space); ``--momentum`` is its β."""
         if cfg.optimizer not in ("sgd", "momentum"):
             raise ZOError(f"lozo-m has its own momentum update; --optimizer {cfg.optimizer} does not apply "
                           f"(leave it at sgd, set β with --momentum)")
-        return ZOEngine(self, LowRankMomentum(cfg.momentum, cfg.weight_decay), cfg.eps, cfg.queries, cfg.seed,
-                        difference=cfg.difference)
+        return LowRankMomentum(cfg.momentum, cfg.weight_decay)

@@ -18,6 +18,7 @@ from .base import Method, register
 class MeZO(Method):
     name = "mezo"
     is_adapter = False
+    suggested_lr = 1e-6  # MeZO's range for full-parameter runs (guessed for SmolLM2-135M)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """All weights, or with ``--target-modules`` only those whose name contains one of them.

@@ -28,6 +28,7 @@ class ParamsMethod(Method):
 
     name = "params"
     is_adapter = False
+    suggested_lr = 1e-3
 
     def __init__(self, cfg: Any, params: ParamsSpec = None):
         super().__init__(cfg)

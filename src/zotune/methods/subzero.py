@@ -27,31 +27,40 @@ substrings); ``subzero-lora`` trains peft LoRA factors, as ``mezo-lora`` does.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..engine import QueryKey, gaussian_like, tensor_seed
-from ..errors import ZOError
+from ..options import Options, setting
 from .base import register
 from .lora import MeZOLoRA
 from .lozo import gaussian
 from .mezo import MeZO
 
 
+@dataclass
+class SubZeroOptions(Options):
+    prefix = "subzero"
+    rank: int = setting(24, "SubZero: rank r of the orthonormal bases U, V of each 2-D tensor (capped at its "
+                            "smaller side)")
+    T: int = setting(1000, "SubZero: the bases U, V are redrawn (QR of seeded Gaussians) every T steps")
+
+    def validate(self) -> None:
+        self.check("subzero_rank", self.rank >= 1, ">= 1")
+        self.check("subzero_T", self.T >= 1, ">= 1")
+
+
 class SubspaceDirections:
     """SubZero's direction rule, mixed into a method that chooses the trainable tensors."""
 
-    def _check(self) -> None:
-        if self.cfg.subzero_rank < 1:
-            raise ZOError(f"subzero_rank must be >= 1, got {self.cfg.subzero_rank}")
-        if self.cfg.subzero_T < 1:
-            raise ZOError(f"subzero_T must be >= 1, got {self.cfg.subzero_T}")
+    options_cls = SubZeroOptions
 
     def rank_of(self, like: torch.Tensor) -> int:
-        return min(self.cfg.subzero_rank, like.shape[0], like.shape[1])
+        return min(self.options.rank, like.shape[0], like.shape[1])
 
     def epoch(self, step: int) -> int:
-        return step // self.cfg.subzero_T
+        return step // self.options.T
 
     def bases(self, name: str, like: torch.Tensor, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Orthonormal (U, V) of ``name`` for a refresh epoch: QR of seeded Gaussians, cached per epoch."""
@@ -79,10 +88,8 @@ class SubZero(SubspaceDirections, MeZO):
     """SubZero (Yu et al., ICCV 2025): √(mn)/r·U·Z·Vᵀ per base weight, orthonormal U, V redrawn every T steps."""
 
     name = "subzero"
-
-    def prepare(self, model):
-        self._check()
-        return super().prepare(model)
+    suggested_lr = 5e-5  # probed on SST-2 / SmolLM2-135M at eps 1e-3 (benchmarks/results/sst2_smollm2)
+    suggested_lr_tuned = True
 
 
 @register
@@ -90,7 +97,5 @@ class SubZeroLoRA(SubspaceDirections, MeZOLoRA):
     """SubZero's subspace directions on peft LoRA factors (rank capped at each factor's smaller side)."""
 
     name = "subzero-lora"
-
-    def prepare(self, model):
-        self._check()
-        return super().prepare(model)
+    suggested_lr = 3e-3  # mezo-lora's probed lr (same factors, same expected direction norm)
+    suggested_lr_tuned = False

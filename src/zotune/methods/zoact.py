@@ -21,6 +21,7 @@ and replay reuse it instead of recomputing it.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,7 +29,19 @@ from torch import nn
 from ..adapters import attach_lora, lora_params, target_modules
 from ..calibration import CalibrationReport, activation_bases
 from ..errors import ZOError
+from ..options import Options, setting
 from .base import Method, register
+
+
+@dataclass
+class ZOActOptions(Options):
+    prefix = "zoact"
+    rank: int = setting(16, "ZO-Act: k, the number of top activation directions U per layer (trainable C is "
+                            "d_out x k). Use it with --optimizer adam; --queries 1 is cheapest, more queries "
+                            "(e.g. 4) lower the variance at 2 forwards each")
+
+    def validate(self) -> None:
+        self.check("zoact_rank", self.rank >= 1, ">= 1")
 
 
 @register
@@ -36,6 +49,8 @@ class ZOAct(Method):
     name = "zoact"
     bf16_base = True
     needs_calibration = True
+    options_cls = ZOActOptions
+    suggested_lr = 1e-3  # with --optimizer adam (a guess; the sst2 probe picked 5e-3 with adam)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -51,9 +66,7 @@ class ZOAct(Method):
                 if n.rsplit(".", 1)[-1] in names and isinstance(m, (nn.Linear, Conv1D))}
 
     def calibrate(self, model: nn.Module, batches: list) -> None:
-        k = self.cfg.zoact_rank
-        if k < 1:
-            raise ZOError(f"zoact_rank must be >= 1, got {k}")
+        k = self.options.rank
         bases, self.report = activation_bases(model, self._targets(model), batches, k, progress=self.cfg.progress)
         self.calibration = bases  # name -> U [d_in, k]
         if self.cfg.progress:
@@ -67,7 +80,7 @@ class ZOAct(Method):
         missing = sorted(set(targets) - set(self.calibration))
         if missing:
             raise ZOError(f"zoact: no activation basis for layer {missing[0]} (calibrated for other layers?)")
-        k = self.cfg.zoact_rank
+        k = self.options.rank
         for name, u in self.calibration.items():
             if u.shape[1] != k:
                 raise ZOError(f"zoact: basis of {name} has rank {u.shape[1]}, zoact_rank is {k}")
