@@ -16,10 +16,8 @@ from zotune.models import load_model
 from zotune.optim import ZOSGD
 
 
-def test_every_method_registers_behind_one_protocol():
-    assert {"mezo", "mezo-lora"} <= set(METHODS)
-    assert all(issubclass(cls, Method) for cls in METHODS.values())
-    with pytest.raises(ZOError, match="unknown method 'nope'"):
+def test_an_unknown_method_is_named_with_the_choices():
+    with pytest.raises(ZOError, match="unknown method 'nope'; choose one of: .*mezo-lora"):
         get_method("nope")
 
 

@@ -13,6 +13,7 @@ perturbs tensors *you* choose, with no adapter attached by zotune.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -231,7 +232,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             "eps": self.config.eps,
             "queries": self.config.queries,
             "lr": [float(g["lr"]) for g in self.param_groups],
-            "optimizer": self._optimizer.state_dict(),
+            # a copy: torch's optimizers (fo-lora's AdamW) hand out their live moment tensors, which the
+            # next step would change under a state the caller meant to keep
+            "optimizer": copy.deepcopy(self._optimizer.state_dict()),
             "method_state": self.method.state_dict(),
         }
         if params:
@@ -263,7 +266,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.engine.eps, self.engine.queries = self.config.eps, self.config.queries
         for g, lr in zip(self.param_groups, state.get("lr", [])):
             g["lr"] = lr
-        self._optimizer.load_state_dict(state.get("optimizer", {}))
+        self._optimizer.load_state_dict(copy.deepcopy(state.get("optimizer", {})))
         self.method.load_state_dict(state.get("method_state", {}))
 
     def __repr__(self) -> str:
