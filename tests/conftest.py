@@ -124,3 +124,13 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_without_native_bf16(request, monkeypatch):
+    """`--dtype auto` picks bf16 on CPUs with avx512_bf16/AMX: tests pin the answer to "no", so a test's
+    numbers do not depend on which CPU CI draws. Tests of that choice mark themselves ``native_bf16``."""
+    if "native_bf16" not in request.keywords:
+        import zotune.hardware
+
+        monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: False)

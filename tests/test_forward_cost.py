@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -149,16 +150,42 @@ def test_training_batch_scores_do_not_depend_on_batch_company(models):
 
 
 # -- precision: a bfloat16 base under float32 adapters ---------------------------------------
-def test_auto_dtype_is_float32_on_cpu_and_bf16_only_for_lora_type_methods_on_cuda():
-    from zotune.methods import get_method
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_only_for_lora_type_methods(monkeypatch):
+    import zotune.hardware
     from zotune.hardware import pick_dtype
+    from zotune.methods import get_method
 
-    assert pick_dtype("auto", "cpu", get_method("ar1zo")).dtype == torch.float32
+    for native, expected in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: native)
+        picked = pick_dtype("auto", "cpu", get_method("ar1zo"))
+        assert picked.dtype == expected and "auto" in picked.reason and ("natively" in picked.reason) == native
+        for method in ("mezo", "mezo-ln", "lozo", "agzo"):  # they train base weights or norms
+            assert pick_dtype("auto", "cpu", get_method(method)).dtype == torch.float32
     assert pick_dtype("bfloat16", "cpu", get_method("mezo-lora")).dtype == torch.bfloat16
-    for method in ("mezo", "mezo-ln", "lozo", "agzo"):  # they train base weights or norms
-        assert pick_dtype("auto", "cpu", get_method(method)).dtype == torch.float32
+    for method in ("mezo", "mezo-ln", "lozo", "agzo"):
         with pytest.raises(ZOError, match="vanish in bfloat16"):
             pick_dtype("bfloat16", "cpu", get_method(method))
+
+
+@pytest.mark.native_bf16
+def test_the_cpu_is_asked_through_torch_and_the_run_records_the_pick(tiny_llama, tmp_path, capsys):
+    """Whatever this CPU has, a run with --dtype auto says what it picked and why, in config.yaml and
+    the summary, and a resume uses the recorded dtype."""
+    from zotune.cli import main
+    from zotune.hardware import cpu_has_native_bf16
+
+    expected = "bfloat16" if cpu_has_native_bf16() else "float32"
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_llama), "--method", "mezo-lora", "--train-size", "16", "--dev-size", "4",
+            "--batch-size", "4", "--steps", "2", "--progress", "false", "--output-dir", str(out)]
+    assert main(args) == 0
+    config = (out / "config.yaml").read_text()
+    assert f"dtype: {expected}" in config and f"# dtype {expected}: auto: this CPU" in config
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dtype"] == expected and summary["dtype_reason"].startswith("auto: this CPU")
+    assert main(["train", "--resume", str(out), "--steps", "3", "--progress", "false"]) == 0
+    assert json.loads((out / "summary.json").read_text())["dtype"] == expected
+    assert (out / "config.yaml").read_text().startswith(f"# dtype {expected}")  # the note survives a rewrite
 
 
 def test_bf16_base_trains_float32_lora_factors_and_restores_exactly(tiny_llama):

@@ -254,6 +254,8 @@ def _same_config(run: Run) -> None:
     saved = yaml.safe_load((run.run_dir / "config.yaml").read_text()) or {}
     now = run.cfg.to_dict()
     for key, value in now.items():
+        if key == "dtype" and value == "auto":
+            continue  # a run records the dtype auto picked on its machine
         if key not in COMPARED_OUT and saved.get(key) != value:
             raise ZOError(f"{run.run_dir} holds a run with {key}={saved.get(key)!r}, this bench wants {value!r}; "
                           f"use another --out (or delete that run directory)")

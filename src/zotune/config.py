@@ -81,9 +81,10 @@ class TrainConfig:
     seed: int = _f(0, "run seed: data order, sampled splits and every direction derive from it")
     output_dir: str = _f("", "run directory; empty: runs/<task>-<method>-<time>")
     device: str = _f("auto", "cpu | cuda | auto")
-    dtype: str = _f("auto", "the frozen base's dtype: auto (bfloat16 on a CUDA GPU with bf16 for LoRA-type "
-                            "methods, whose trainable factors peft keeps in float32; float32 otherwise, and "
-                            "always on CPU, where bf16 matmuls were 6-90x slower here) | float32 | bfloat16")
+    dtype: str = _f("auto", "the frozen base's dtype: auto (bfloat16 where the device computes bf16 natively: a "
+                            "CUDA GPU with bf16, or a CPU with avx512_bf16/AMX; for methods whose trainable values "
+                            "stay float32 (peft keeps LoRA factors in float32); float32 otherwise. The run directory "
+                            "records what auto picked and why) | float32 | bfloat16")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     progress: bool = _f(True, "show progress bars")
     # distributed runs (torchrun) and guards

@@ -52,7 +52,9 @@ def pick_dtype(name: str, device: str, method_cls) -> Precision:
             if torch.cuda.is_bf16_supported():
                 return Precision(torch.bfloat16, "auto: this CUDA GPU computes bf16")
             return Precision(torch.float32, "auto: this CUDA GPU has no bf16")
-        return Precision(torch.float32, "auto: float32 on CPU")
+        if cpu_has_native_bf16():
+            return Precision(torch.bfloat16, "auto: this CPU computes bf16 natively (avx512_bf16/AMX)")
+        return Precision(torch.float32, "auto: this CPU has no native bf16 (no avx512_bf16/AMX)")
     require(name == "float32" or method_cls.bf16_base,
             f"--dtype bfloat16: method {method_cls.name!r} trains base weights or norms, whose ZO updates "
             f"(lr*g*z, often ~1e-6) vanish in bfloat16; use --dtype float32 or a LoRA-type method")

@@ -97,8 +97,9 @@ class RunDir:
 
     # -- creating and opening ------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: TrainConfig, need: int = 0) -> "RunDir":
-        """A new run directory, proven writable with ``need`` bytes free, holding ``config.yaml``."""
+    def create(cls, cfg: TrainConfig, need: int = 0, note: str = "") -> "RunDir":
+        """A new run directory, proven writable with ``need`` bytes free, holding ``config.yaml``
+        (``note``: a comment line on top, e.g. why the dtype was picked)."""
         run = cls(cfg.output_dir or default_path(cfg))
         check_free_space(run.path, need)
         try:
@@ -108,7 +109,7 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise ZOError(f"run directory {run.path} is not writable: {exc.strerror}") from exc
-        run.write_config(cfg)
+        run.write_config(cfg, note)
         return run
 
     @classmethod
@@ -128,8 +129,12 @@ class RunDir:
             cfg.progress = progress
         return cfg
 
-    def write_config(self, cfg: TrainConfig) -> None:
-        self._write_text(CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    def write_config(self, cfg: TrainConfig, note: str = "") -> None:
+        path = self.path / CONFIG
+        if not note and path.exists():  # keep the note of the run's first write (an extended run's rewrite)
+            note = "\n".join(line[2:] for line in path.read_text().splitlines() if line.startswith("# "))
+        comments = "".join(f"# {line}\n" for line in note.splitlines())
+        self._write_text(CONFIG, comments + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     # -- logs ------------------------------------------------------------------------------
     def trajectory(self) -> list[dict]:

@@ -103,7 +103,11 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         if main:
             check_free_space(rundir.path, run_bytes(cfg, method))
     else:
-        rundir = RunDir(cluster.on_main(lambda: RunDir.create(cfg, run_bytes(cfg, method)).path), writable=main)
+        if cfg.dtype == "auto":  # the run records what auto picked, so resume and replay rebuild the same
+            cfg.dtype = run.precision.name
+        note = f"dtype {cfg.dtype}: {run.precision.reason}"
+        rundir = RunDir(cluster.on_main(lambda: RunDir.create(cfg, run_bytes(cfg, method), note).path),
+                        writable=main)
     rundir.save_calibration(method)
 
     # -- resume: replay the logged steps, keep the records consistent with them
