@@ -200,8 +200,9 @@ def _copy_hook(layer: nn.Module, parts: dict[str, Factor], c: int):
             delta = F.linear(h, b_live)
         else:
             delta = torch.bmm(h, b_copies.transpose(1, 2))
-        # as peft: result + lora_B(lora_A(x)) * scaling, back in the base's dtype
-        return (result + delta.reshape(*result.shape[:-1], -1) * scaling).to(result.dtype)
+        # as peft: result + lora_B(lora_A(x)) * scaling, back in the base's dtype (in place: the same roundings)
+        delta = delta.reshape(*result.shape[:-1], -1).mul_(scaling)
+        return result.add_(delta) if result.dtype == delta.dtype else (result + delta).to(result.dtype)
 
     return hook
 
