@@ -7,17 +7,24 @@ leaving every weight bit-identical, replay of its logged g bit-exact.
 Tolerances. A batched slope may differ from the sequential one only by the
 float rounding of the forward: the stacked batch runs the base matmuls with
 c times as many rows and the copies' LoRA terms through bmm, which may sum in
-another order. On this machine (torch 2.13 CPU, MKL/oneDNN) the tiny llama's
-slopes came out bit-identical in float32 and bfloat16 alike, but nothing
-guarantees that on other kernels, so the tests allow:
+another order. On this machine (torch 2.13 CPU, MKL/oneDNN) the slopes came out
+bit-identical in float32 (tiny llama here; SmolLM2-135M in
+benchmarks/results/batched_queries.md) and in bfloat16 on the tiny llama, but
+nothing guarantees that on other kernels, so the tests allow:
 
 * float32: |Δg| ≤ 1e-4. The losses are O(1) means in float32; a reordered sum
   moves one by a few ulps (~1e-7), and g divides a difference of two losses by
   2ε = 0.02: ~1e-5. 1e-4 leaves a 10x margin and is still 3 orders below the
   slopes (0.01-1).
-* bfloat16 base: |Δg| ≤ 5e-2. Every activation is rounded to 8 bits of mantissa
-  (relative 2^-9 ≈ 2e-3); a reordered accumulation can flip such a rounding and
-  move a loss by ~1e-3, i.e. g by ~5e-2.
+* bfloat16 base: |Δg| ≤ 4x the rounding noise of the sequential slope itself,
+  measured in the test as its distance to the float32 base's slope (+1e-3).
+  A bf16 base rounds every activation to 8 bits of mantissa, so a slope, a
+  difference of two nearby losses divided by 2ε, carries that rounding as noise:
+  on the tiny llama 0.007-0.01 RMS for mezo-lora/ar1zo and 0.13 for zoact; on
+  SmolLM2-135M 0.34-0.50 RMS for all three, for the sequential and the batched
+  path alike (benchmarks/results/batched_queries_bf16_noise.json), where the two
+  paths' slopes differed by 0.46-0.75 RMS: independent draws of that noise. A
+  fixed bound below the noise would test the kernels, not this code.
 
 When the slopes are bit-identical, the trained tensors must be too (same g, same
 apply()); otherwise they must agree to the tolerance the slopes imply. Either
@@ -47,7 +54,7 @@ from zotune.tasks import Example
 BATCHABLE = sorted(n for n, c in METHODS.items() if c.batchable)
 BATCH = synthetic_examples(8, seed=5)
 LR = 1e-2
-TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+TOL = {torch.float32: 1e-4}
 
 
 def build(model_dir, name: str, dtype=torch.float32, micro_batch_size: int = 0, **settings):
@@ -130,21 +137,27 @@ def test_a_zero_learning_rate_batched_step_leaves_every_weight_bit_identical(tin
 
 
 @pytest.mark.parametrize("name", ["mezo-lora", "ar1zo", "zoact"])
-def test_a_bf16_base_gives_the_same_slopes_to_bf16_tolerance(tiny_llama, name):
+def test_a_bf16_base_gives_the_same_slopes_to_its_rounding_noise(tiny_llama, name):
+    """Over a bfloat16 base the batched slopes may differ from the sequential ones by a few times the
+    rounding noise the sequential slopes themselves carry, measured here against a float32 base."""
     settings = dict(queries=3)
+    _, ref_scorer, ref = build(tiny_llama, name, torch.float32, **settings)
     _, seq_scorer, seq = build(tiny_llama, name, torch.bfloat16, **settings)
     model, scorer, eng = build(tiny_llama, name, torch.bfloat16, **settings)
     assert next(p for n, p in model.named_parameters() if "lora" not in n).dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in eng.method.params.values())  # peft keeps the factors fp32
+    exact = ref.step(lambda: ref_scorer.loss_tensor(BATCH), LR).grads
     s = seq.step(lambda: seq_scorer.loss_tensor(BATCH), LR)
     b = step_batched(eng, model, lambda c: scorer.copy_losses(BATCH, c), LR)
-    assert b.grads == pytest.approx(s.grads, abs=TOL[torch.bfloat16], rel=0)
+    noise = max(abs(x - y) for x, y in zip(s.grads, exact))  # bf16's own error on the slope
+    assert noise > 0  # the base really computes in bf16
+    assert b.grads == pytest.approx(s.grads, abs=4 * noise + 1e-3, rel=0)
     assert b.forward_passes == s.forward_passes
     ours, theirs = state(eng), state(seq)
-    if b.grads == s.grads:
+    if b.grads == s.grads:  # as measured on this machine (torch 2.13 CPU): then the same bits
         assert all(bits_equal(ours[n], theirs[n]) for n in ours)
     else:  # |Δθ| = lr·|Δg|·|z|/q with |z| a few units
-        assert all(torch.allclose(ours[n], theirs[n], rtol=0, atol=LR * TOL[torch.bfloat16] * 10) for n in ours)
+        assert all(torch.allclose(ours[n], theirs[n], rtol=0, atol=LR * (4 * noise + 1e-3) * 10) for n in ours)
 
 
 @pytest.mark.parametrize("name", ["mezo-lora", "ar1zo"])
@@ -198,11 +211,15 @@ def test_a_forward_that_is_not_copies_of_a_batch_is_refused(tiny_llama):
 
 
 def test_the_setting(tiny_llama):
+    """auto: batched on CPU for micro-batched forwards (measured faster), sequential otherwise."""
     _, _, lora = build(tiny_llama, "ar1zo")
     _, _, ln = build(tiny_llama, "mezo-ln")
-    assert use_batched("auto", lora, "cpu") and not use_batched("auto", lora, "cuda")
-    assert not use_batched("off", lora, "cpu") and use_batched("on", lora, "cuda")
-    assert not use_batched("auto", ln, "cpu") and not use_batched("off", ln, "cpu")
+    assert use_batched("auto", lora, "cpu", micro_batch_size=4, batch_size=16)
+    assert not use_batched("auto", lora, "cpu", micro_batch_size=0, batch_size=16)  # whole-batch forwards
+    assert not use_batched("auto", lora, "cpu", micro_batch_size=16, batch_size=16)  # the same: one forward
+    assert not use_batched("auto", lora, "cuda", micro_batch_size=4, batch_size=16)  # not measured
+    assert not use_batched("off", lora, "cpu", 4, 16) and use_batched("on", lora, "cuda", 0, 16)
+    assert not use_batched("auto", ln, "cpu", 4, 16) and not use_batched("off", ln, "cpu", 4, 16)
     with pytest.raises(ZOError, match="mezo-ln.*cannot evaluate"):
         use_batched("on", ln, "cpu")
     with pytest.raises(ZOError, match="batched_queries must be one of"):

@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     previous = RunDir.open(resume, writable=main) if resume else None
     run = setup(cfg, data, calibration=previous.calibration() if previous else None, cluster=cluster)
     model, method, engine, scorer = run.model, run.method, run.engine, run.scorer
-    batched = use_batched(cfg.batched_queries, engine, run.device)  # every perturbation of a step in one forward
+    batched = use_batched(cfg.batched_queries, engine, run.device, cfg.micro_batch_size, cfg.batch_size)
     say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; "
         f"base weights in {run.precision.name} ({run.precision.reason})")
     if cluster.world > 1:
