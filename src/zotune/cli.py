@@ -21,13 +21,14 @@ from .options import coerce, default_of
 
 EXAMPLES = """\
 examples:
-  zotune train                                   # the default job: MeZO-LoRA on Rotten Tomatoes, SmolLM2-135M
+  zotune train                                   # the default job on Rotten Tomatoes, SmolLM2-135M
   zotune train --task sst2 --data-dir ../shared/data --steps 500 --eval-every 100
   zotune train --method mezo --lr 1e-6 --eps 1e-3   # full-parameter MeZO
   zotune train --config run.yaml --seed 1        # YAML file, overridden by flags
   zotune eval --task sst2 --data-dir ../shared/data --adapter runs/X/adapter
   zotune train --train-file my.csv --dev-file my_dev.csv --text-field review --label-field stars \
                --verbalizer "1=terrible,5=great"          # your own data
+  zotune train --train-file reviews.jsonl --verbalizer "-1=terrible,1=great"   # labels -1/1
 """
 
 
@@ -359,13 +360,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--verbalizer "-1=terrible,1=great"`` as written: a value that starts with "-" after a flag that
+    takes one is joined to it (``--verbalizer=-1=...``), since argparse would read it as a flag."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(argv[0]) if sub and argv else None
+    if command is None:
+        return argv
+    takes_value = {o for a in command._actions if a.nargs is None and a.option_strings for o in a.option_strings}
+    known = {o for a in command._actions for o in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if token in takes_value and nxt is not None and nxt.startswith("-") and nxt.split("=")[0] not in known:
+            out.append(f"{token}={nxt}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's business
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(attach_dash_values(parser, argv))
     if args.command is None:
-        args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+        args = parser.parse_args(attach_dash_values(parser, ["train", *argv]))
     try:
         return args.func(args)
     except ZOError as exc:

@@ -94,7 +94,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     previous = RunDir.open(resume, writable=main) if resume else None
     run = setup(cfg, data, calibration=previous.calibration() if previous else None, cluster=cluster)
     model, method, engine, scorer = run.model, run.method, run.engine, run.scorer
-    say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; "
+    held = " (dev held out from the training data: no --dev-file)" if "held out" in data.sources.get("dev", "") else ""
+    say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev{held} / {len(data.test)} test; "
         f"base weights in {run.precision.name} ({run.precision.reason})")
     if cluster.world > 1:
         say(cluster.describe())
