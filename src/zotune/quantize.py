@@ -110,9 +110,10 @@ def _linear4bit(bnb, linear: nn.Linear) -> nn.Module:
         q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
     q = q.to(w.device)  # quantizes: Params4bit packs on its first move to a real device
     # On CPUs with avx512_bf16, eval-mode forwards would repack the weight for a fused kernel that
-    # bitsandbytes fetches from the Hugging Face hub (``kernels``); without it the fallback was
-    # 4.8x slower than dequantize + matmul on SmolLM2-135M (benchmarks/results/int4_cpu.md), and
-    # it needs d_out % 32 == 0. Dequantize + matmul it is, in train and eval mode alike.
+    # bitsandbytes fetches from the Hugging Face hub (``kernels``); its fallback without it was
+    # 3.2-4.0x slower than dequantize + matmul on SmolLM2-135M (benchmarks/results/int4_cpu.md),
+    # and the repacking needs d_out % 32 == 0 and d_in >= the block size. Dequantize + matmul it
+    # is, in train and eval mode alike (and the same numbers in both).
     q.support_avx512bf16_for_cpu = False
     return q
 
