@@ -68,8 +68,8 @@ class TrainConfig:
     # methods that calibrate on data, and a quantized frozen base
     calib_examples: int = _f(32, "calibration examples (seeded, from the training split) run once through the "
                                  "frozen model by methods that calibrate (zoact)")
-    quantize: str = _f("none", "store the frozen base's linear layers quantized: none | int8 | int4 "
-                               "(torchao weight-only; adapter methods only; int4 needs CUDA)")
+    quantize: str = _f("none", "store the frozen base's linear layers quantized: none | int8 (torchao) | int4 "
+                               "(bitsandbytes NF4, CPU or CUDA); weight-only, adapter methods only")
     # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
     train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
     dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")
