@@ -178,6 +178,21 @@ def test_train_lr_auto_tunes_first(world, monkeypatch):
     assert "forward passes    8 in 4 steps" in stdout
 
 
+def test_the_default_grid_is_centred_on_the_given_lr_else_the_methods(world, monkeypatch, tmp_path):
+    import zotune.tune
+    from zotune.tune import TuneResult
+
+    calls = []
+    monkeypatch.setattr(zotune.tune, "tune", lambda cfg, **kw: calls.append(kw) or TuneResult([], None, "", tmp_path))
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.5\n")
+    for argv in (["tune", "--lr", "0.03"], ["tune", "--config", str(config)], ["tune"],
+                 ["train", "--lr", "auto"], ["train", "--config", str(config), "--lr", "auto"]):
+        run(*argv, *flags(world, world["broken"]))  # the fake tune picks nothing: exit 2, after the call
+    assert [c["center"] for c in calls] == [0.03, 0.5, None, None, None]  # None: the method's suggested lr
+    assert [c["train_after"] for c in calls] == [False, False, False, True, True]
+
+
 def assert_png(path: Path) -> None:
     from matplotlib.image import imread
 

@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(run.config(steps=flag("steps"), progress=flag("progress")), resume=run.path)
     elif isinstance(args.lr, str) and args.lr.strip().lower() == "auto":
         args.lr = None
-        return run_tune(args, train_after=True)  # zotune tune's defaults, then the full run at the pick
+        return run_tune(args, train_after=True, auto=True)  # zotune tune's defaults, then the full run at the pick
     else:
         summary = train(config_from_args(args))
     if summary is not None:  # under torchrun, rank 0 reports
@@ -103,14 +103,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_tune(args: argparse.Namespace, train_after: bool) -> int:
-    """``zotune tune`` (and ``zotune train --lr auto``, which has none of tune's own flags: their defaults)."""
+def run_tune(args: argparse.Namespace, train_after: bool, auto: bool = False) -> int:
+    """``zotune tune``; ``auto``: ``zotune train --lr auto``, which has none of tune's own flags (their defaults
+    apply) and centres the grid on the method's suggested lr even where a --config file sets an lr."""
     import yaml
 
     from .tune import DEV_FRACTION, PROBE_DEV, PROBE_FORWARDS, parse_floats, tune
 
     cfg = config_from_args(args)
-    in_file = bool(args.config) and "lr" in {str(k).replace("-", "_") for k in
+    in_file = not auto and bool(args.config) and "lr" in {str(k).replace("-", "_") for k in
                                               (yaml.safe_load(Path(args.config).read_text()) or {})}
     option = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
     grid, eps_grid = option("grid", None), option("eps_grid", None)

@@ -154,7 +154,8 @@ def _title(run: RunRecord) -> str:
         tail = (f"dev {run.metric} {_fmt(s.get('dev_before'))} -> {_fmt(s.get('dev_after'))} (best "
                 f"{_fmt(s.get('dev_best'))} at step {s.get('best_step')}), {s.get('forward_passes')} forward passes")
     else:
-        tail = f"{run.status}: {len(run.steps)} of {c.get('steps', '?')} steps" + (f" ({run.error})" if run.error else "")
+        tail = f"{run.status}: {len(run.steps)} of {c.get('steps', '?')} steps"
+        tail += f" ({run.error})" if run.error else ""
     return f"{head}\n{tail[:110]}"
 
 
@@ -169,8 +170,8 @@ def plot_run(path: str | Path, out: str | Path | None = None) -> Path:
     if xs:
         window = smoothing_window(len(losses))
         ax_loss.plot(xs, losses, color="tab:blue", alpha=0.25, lw=0.8, label="each step")
-        ax_loss.plot(xs, smooth(losses, window), color="tab:blue", lw=2,
-                     label=f"moving mean of {window} step{'s' * (window > 1)}")
+        ax_loss.plot(xs, smooth(losses, window), color="tab:blue", lw=2, marker="o" if len(xs) <= 50 else None,
+                     ms=3, label=f"moving mean of {window} step{'s' * (window > 1)}")  # a dot per step when few
         ax_loss.legend(fontsize=8)
     else:
         ax_loss.text(0.5, 0.5, "no steps logged", ha="center", va="center", transform=ax_loss.transAxes)
@@ -193,7 +194,7 @@ def plot_run(path: str | Path, out: str | Path | None = None) -> Path:
     for ax in (ax_loss, ax_dev):
         ax.grid(alpha=0.3)
     fig.suptitle(_title(run), fontsize=9)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.8, wspace=0.22)  # fixed: tight_layout doubles the time
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.8, wspace=0.22)  # tight_layout doubles the time
     tmp = out.with_name(f".{out.name}.tmp.png")  # a kill mid-write never leaves a torn image
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
