@@ -1,4 +1,4 @@
-"""The ``zotune`` command line: train | eval | bench | snr | replay | models | tasks | methods.
+"""The ``zotune`` command line: train | tune | report | eval | bench | snr | replay | models | tasks | methods.
 
 Flags of ``zotune train`` are generated from :class:`~zotune.config.TrainConfig`,
 so every setting is a flag (``--lora-r 16``), a YAML key (``lora_r: 16``) and a
@@ -25,6 +25,7 @@ examples:
   zotune train --task sst2 --data-dir ../shared/data --steps 500 --eval-every 100
   zotune train --method mezo --lr 1e-6 --eps 1e-3   # full-parameter MeZO
   zotune train --config run.yaml --seed 1        # YAML file, overridden by flags
+  zotune train --method mezo-lora --lr auto      # probe 5 lrs first (zotune tune), then train at the best
   zotune eval --task sst2 --data-dir ../shared/data --adapter runs/X/adapter
   zotune train --train-file my.csv --dev-file my_dev.csv --text-field review --label-field stars \
                --verbalizer "1=terrible,5=great"          # your own data
@@ -93,10 +94,53 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                                             getattr(args, name), "command line")
         run = RunDir.open(args.resume, writable=os.environ.get("RANK", "0") == "0")  # rank 0 records a new length
         summary = train(run.config(steps=flag("steps"), progress=flag("progress")), resume=run.path)
+    elif isinstance(args.lr, str) and args.lr.strip().lower() == "auto":
+        args.lr = None
+        return run_tune(args, train_after=True, auto=True)  # zotune tune's defaults, then the full run at the pick
     else:
         summary = train(config_from_args(args))
     if summary is not None:  # under torchrun, rank 0 reports
         print(summary.text())
+    return 0
+
+
+def run_tune(args: argparse.Namespace, train_after: bool, auto: bool = False) -> int:
+    """``zotune tune``; ``auto``: ``zotune train --lr auto``, which has none of tune's own flags (their defaults
+    apply) and centres the grid on the method's suggested lr even where a --config file sets an lr."""
+    import yaml
+
+    from .tune import DEV_FRACTION, PROBE_DEV, PROBE_FORWARDS, parse_floats, tune
+
+    cfg = config_from_args(args)
+    in_file = not auto and bool(args.config) and "lr" in {str(k).replace("-", "_") for k in
+                                              (yaml.safe_load(Path(args.config).read_text()) or {})}
+    option = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
+    grid, eps_grid = option("grid", None), option("eps_grid", None)
+    result = tune(cfg, grid=parse_floats(grid, "--grid") if grid else None,
+                  eps_grid=parse_floats(eps_grid, "--eps-grid") if eps_grid else None,
+                  probe_forwards=option("probe_forwards", PROBE_FORWARDS), probe_dev=option("probe_dev", PROBE_DEV),
+                  dev_fraction=option("dev_fraction", DEV_FRACTION), out=option("out", None),
+                  train_after=train_after, center=cfg.lr if args.lr is not None or in_file else None,
+                  say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(result.text)
+    print(f"written to {result.out / 'tune.json'}; each probe's run directory is under {result.out / 'probes'}")
+    if result.pick is None:
+        raise ZOError("every probe failed, so there is no pick; try a grid of smaller lrs (--grid)")
+    if result.summary is not None:
+        print(result.summary.text())
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    return run_tune(args, train_after=args.train)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    text, rows, image = report(args.runs, args.out)
+    print(text)
+    print(f"written to {image}")
     return 0
 
 
@@ -273,6 +317,44 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "--steps may extend it")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "tune", help="pick the lr by short probe runs on a dev split carved out of the training data",
+        description=__import__("zotune.tune", fromlist=["x"]).__doc__,
+        epilog="examples:\n  zotune tune --method mezo-lora --task sst2 --data-dir ../shared/data\n"
+               "  zotune tune --method ar1zo --grid 5e-3,1.5e-2,5e-2 --probe-forwards 200 --train --steps 500\n"
+               "  zotune tune --method mezo --grid 1e-7,1e-6 --eps-grid 1e-4,1e-3\n"
+               "  zotune train --method mezo-lora --lr auto       # the same as tune --train at tune's defaults\n"
+               "\nEvery flag of zotune train is accepted: it describes the probes (their lr, eps, steps and "
+               "output folder come from the tune) and, with --train, the full run (--lr and --eps replaced by "
+               "the pick; --output-dir, else OUT/run).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of settings (keys as the flags, with _ or -)")
+    p.add_argument("--grid", metavar="LR,LR,...", help="the lrs to probe (default: 5 log-spaced values, x1/10 "
+                   "x1/3 x1 x3 x10, around --lr if given, else the method's suggested lr)")
+    p.add_argument("--eps-grid", metavar="EPS,EPS,...", help="also probe these eps (every lr x every eps); "
+                   "default: --eps alone. Refused for methods without eps (fo-lora)")
+    p.add_argument("--probe-forwards", type=int, metavar="N", help="budget of each probe in forward passes "
+                   "(steps = N // forwards per step; default: 100)")
+    p.add_argument("--probe-dev", type=int, metavar="N", help="examples held out of the TRAINING split as the "
+                   "probes' dev set (default: 200; 0 = use --dev-fraction alone)")
+    p.add_argument("--dev-fraction", type=float, metavar="F", help="... but at most this fraction of the "
+                   "training split (default: 0.2; 0 = use --probe-dev alone)")
+    p.add_argument("--out", help="output folder (default: runs/tune-<data>-<method>); re-running resumes it")
+    p.add_argument("--train", action="store_true", help="after picking, run the full zotune train at the "
+                   "picked lr (into --output-dir, else OUT/run)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "report", help="compare run directories: a table and a PNG of dev metric and training loss",
+        description="Reads run directories (finished, killed or failed; a bench's runs/* or a tune's probes/* "
+                    "too) and prints one row per run: method, data, lr, steps, forward passes, dev before -> "
+                    "after (best), test, wall time, peak memory, dtype. Writes a PNG with the dev metric and "
+                    "the smoothed training loss against forward passes, one line per run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each holds config.yaml)")
+    p.add_argument("--out", default="report.png", help="the comparison image (default: report.png)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("eval", help="accuracy (SQuAD: F1/EM) of a model (zero-shot, or with a saved adapter) on a task split")
     p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")

@@ -18,9 +18,10 @@ from .config import TrainConfig
 from .errors import ZOError, require
 from .hardware import peak_memory_mb
 from .metrics import metric_name, score_split
+from .report import plot_run
 from .rundir import RunDir, check_free_space, run_bytes, safetensors_bytes
 from .setup import batch_indices, load_data, setup
-from .tasks import Example
+from .tasks import Example, TaskData
 
 
 @dataclass
@@ -75,8 +76,11 @@ def data_name(cfg: TrainConfig) -> str:
     return Path(cfg.train_file).name if cfg.train_file else cfg.task
 
 
-def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
+def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = None) -> Summary:
     """Run (or, with ``resume``, continue) a training run; return its summary.
+
+    ``data``: the run's splits, already loaded and sampled (``zotune tune`` passes a dev split carved
+    from the training data); None loads them as ``cfg`` says.
 
     Resume replays the run's trajectory onto the freshly prepared model (see
     :meth:`ZOEngine.replay`), so a run killed at any moment continues bit-identically.
@@ -85,7 +89,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     """
     t0 = time.time()
     cfg.validate()
-    data = load_data(cfg)  # everything wrong with the inputs fails here, before a run directory exists
+    data = data if data is not None else load_data(cfg)  # bad inputs fail here, before a run directory exists
     cluster = distributed.from_env(cfg)  # a cluster of one unless launched by torchrun
     main = cluster.is_main  # rank 0, or the only process
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress and main else (lambda msg: None)
@@ -208,6 +212,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         dtype=run.precision.name, dtype_reason=run.precision.reason,
     )
     rundir.write_summary(summary.__dict__)
+    plot_run(rundir.path)  # curves.png: training loss and dev metric against forward passes
     return summary
 
 
