@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "OMP_NUM_THREADS=1 python benchmarks/offload.py " + " ".join(passthrough)
     meta = {"model": MODEL, "device": args.device, "batch_size": args.batch_size, "lora_rank": args.rank,
             "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-            "machine": platform.machine(), "command": command.strip()}
+            "machine": platform.machine(), "command": command.strip(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "cpus": os.cpu_count()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
@@ -308,6 +309,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ref = {r["malloc"]: r["in_memory_forward_s"] for r in rows}
     lines += ["", "In-memory forward, seconds (across processes, indicative only): "
               + ", ".join(f"{k} {v:.2f} s" for k, v in ref.items()) + "."]
+    if meta.get("load_average"):
+        lines += ["", f"Machine load at the end of the run (1/5/15-min load average on {meta.get('cpus')} CPUs): "
+                  + "/".join(f"{x:.1f}" for x in meta["load_average"])
+                  + ". On a shared, loaded machine the time ratios carry noise of the order of 10-20%; "
+                  "the peak RSS numbers and the zero loss/slope differences do not depend on load."]
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ from zotune.models import (
     execution_device,
     gguf_cache_dir,
     hub_error,
+    load_adapter,
     load_model,
     offloaded_modules,
     parse_max_memory,
@@ -82,8 +83,8 @@ def test_placement_arguments_are_checked():
     assert placement_for("cpu") is None  # no placement asked: the plain load
     p = placement_for("cpu", max_memory="cpu=1GiB,disk=2GiB")
     assert p.device_map == "auto" and p.max_memory == {"cpu": 2**30} and p.disk_limit == 2 * 2**30
-    assert p.temporary_folder and Path(p.offload_folder).is_dir()
-    shutil.rmtree(p.offload_folder)
+    assert p.offload_folder is None  # load_model makes (and removes) a temporary one
+    assert placement_for("cpu", offload_folder="~/off").offload_folder == str(Path.home() / "off")
     with pytest.raises(ZOError) as e:
         placement_for("cpu", device_map="everywhere")
     assert "--device-map must be one of" in one_line(e)
@@ -296,7 +297,7 @@ def test_gguf_unreadable_quantization_and_architecture_are_one_line(tmp_path, ti
 # -- placement on a tiny model ---------------------------------------------------------------------------
 
 
-def test_offloaded_tiny_model_needs_the_adapter_context(tiny_llama):
+def test_offloaded_tiny_model_needs_the_adapter_context(tiny_llama, tmp_path):
     from zotune.adapters import attach_lora, lora_params
     from zotune.evaluate import Scorer
 
@@ -318,12 +319,37 @@ def test_offloaded_tiny_model_needs_the_adapter_context(tiny_llama):
     assert all(p.device.type == "meta" for n, p in peft_model.named_parameters() if "layers" in n and "lora_" not in n)
     assert Scorer(peft_model, tok).loss(examples) == pytest.approx(want, abs=1e-6)
 
+    # A trained adapter saves as usual and loads back onto an offloaded base (not with
+    # PeftModel.from_pretrained, which re-dispatches the base and fails on its meta weights).
+    from peft import PeftModel
+
+    with torch.no_grad():
+        for p in lora.values():
+            p.normal_(0, 0.1)
+    trained = logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    in_memory = PeftModel.from_pretrained(load_model(str(tiny_llama))[0], tmp_path / "adapter")
+    assert torch.allclose(logits(in_memory), trained, atol=1e-6)
+    again = load_adapter(load_model(str(tiny_llama), max_memory="cpu=60KB")[0], tmp_path / "adapter")
+    check_adapter_placement(again)
+    assert torch.equal(logits(again), trained)
+
     # Without the context peft moves fresh factors to the meta device: caught in one line.
     bare, _, _ = load_model(str(tiny_llama), max_memory="cpu=60KB")
     bare = attach_lora(bare, 4, 8, None)
     with pytest.raises(ZOError) as e:
         check_adapter_placement(bare)
     assert "adapters_on_execution_device" in one_line(e)
+
+
+def test_device_map_strategies_on_a_tiny_model(tiny_llama):
+    model, _, _ = load_model(str(tiny_llama), device_map="auto")  # fits: nothing offloaded, nothing refused
+    assert not offloaded_modules(model) and placement_refuses_full_weight(model) is None
+    assert describe_placement(model).startswith("placement:") and execution_device(model) == torch.device("cpu")
+    reference, _, _ = load_model(str(tiny_llama))
+    seq, _, _ = load_model(str(tiny_llama), device_map="sequential", max_memory={"cpu": "60KB"})
+    assert "disk" in set(offloaded_modules(seq).values())
+    assert torch.equal(logits(seq), logits(reference)) and torch.equal(logits(model), logits(reference))
 
 
 def test_disk_budget_is_enforced(tiny_llama):

@@ -24,7 +24,9 @@ to disk, and are streamed onto the execution device at every forward by
 accelerate's hooks. zotune adds no offloading of its own. Only the base model
 is offloaded: LoRA factors must live on the execution device (see
 :func:`adapters_on_execution_device`), and full-weight methods cannot train an
-offloaded base (see :func:`placement_refuses_full_weight`).
+offloaded base (see :func:`placement_refuses_full_weight`). When something is
+offloaded, glibc's mmap threshold is fixed so that the streamed layers do not
+fragment the heap (see :func:`fix_mmap_threshold`).
 
 Two real pretrained models install from the package registry and are known by name:
 
@@ -461,9 +463,8 @@ class Placement:
 
     device_map: str | dict
     max_memory: dict | None
-    offload_folder: str
+    offload_folder: str | None  # None: load_model uses a temporary folder, removed with the model
     disk_limit: int | None = None  # a "disk=" budget: accelerate treats disk as unbounded, zotune checks it
-    temporary_folder: bool = False
 
     def kwargs(self) -> dict:
         kw = {"device_map": self.device_map, "offload_folder": self.offload_folder}
@@ -475,7 +476,8 @@ class Placement:
 def placement_for(device: str | torch.device = "cpu", device_map: str | dict | None = None,
                   max_memory: str | dict | None = None, offload_folder: str | os.PathLike | None = None
                   ) -> Placement | None:
-    """The placement asked for, validated; None for the plain single-device load.
+    """The placement asked for, validated; None for the plain single-device load. No side effects:
+    callers may use it to check ``--device-map``/``--max-memory`` before loading anything.
 
     ``max_memory`` or ``offload_folder`` without ``device_map`` implies ``"auto"``.
     On a CPU ``device`` the budget holds only ``cpu`` (and ``disk``): a GPU index is
@@ -507,9 +509,8 @@ def placement_for(device: str | torch.device = "cpu", device_map: str | dict | N
 
             index = dev.index or 0
             budget[index] = get_max_memory()[index]
-    temporary = offload_folder is None
-    folder = tempfile.mkdtemp(prefix="zotune-offload-") if temporary else str(Path(offload_folder).expanduser())
-    return Placement(device_map, budget or None, folder, disk_limit, temporary)
+    folder = None if offload_folder is None else str(Path(offload_folder).expanduser())
+    return Placement(device_map, budget or None, folder, disk_limit)
 
 
 def _free_cpu() -> int:
@@ -643,6 +644,10 @@ def adapters_on_execution_device(model: nn.Module):
 
         with adapters_on_execution_device(model):
             model = attach_lora(model, r, alpha, targets)
+
+    Only create adapters inside (``get_peft_model``): anything that re-dispatches
+    the model inside (``PeftModel.from_pretrained`` does) would capture the
+    stand-ins; load a saved adapter with :func:`load_adapter`.
     """
     swapped = []
     for module in model.modules():
@@ -665,6 +670,32 @@ def adapters_on_execution_device(model: nn.Module):
             if module._parameters.get(name) is stand_in:
                 meta.requires_grad_(stand_in.requires_grad)
                 module._parameters[name] = meta
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike):
+    """``PeftModel.from_pretrained(model, adapter_dir)`` for a base that may be offloaded.
+
+    peft's own loader re-dispatches an offloaded base with accelerate and fails on its
+    meta weights ("Cannot copy out of meta tensor"); this builds the adapter from its
+    saved config inside :func:`adapters_on_execution_device` and copies the saved
+    factors in. Same model, same logits as peft's loader on an in-memory base.
+    """
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        weights = load_peft_weights(str(adapter_dir), device=str(execution_device(model)))
+    except (OSError, ValueError) as exc:
+        raise ZOError(f"cannot load adapter from {adapter_dir}: {_one_line(exc)}") from exc
+    config.inference_mode = True
+    with adapters_on_execution_device(model):
+        peft_model = get_peft_model(model, config)
+    result = set_peft_model_state_dict(peft_model, weights)
+    unfit = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unfit:
+        raise ZOError(f"adapter {adapter_dir} does not fit this model (e.g. {unfit[0]})")
+    return peft_model.eval()
 
 
 def check_adapter_placement(model: nn.Module) -> None:
@@ -693,9 +724,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     ``"0=20GiB,cpu=64GiB"`` string, see :func:`parse_max_memory`) or
     ``offload_folder``, transformers places it with accelerate instead and it is
     not moved afterwards; see :func:`placement_for`. When no ``offload_folder``
-    is given and weights must be re-saved for disk offload (a non-safetensors
-    checkpoint, a dtype change), a temporary folder is used and removed with the
-    model.
+    is given and weights must be re-saved for disk offload (e.g. a
+    non-safetensors checkpoint), a temporary folder is used and removed with the
+    model. When modules end up offloaded, :func:`fix_mmap_threshold` is applied
+    (process-wide; ``ZOTUNE_MALLOPT=0`` skips it). Attach adapters to such a
+    model inside :func:`adapters_on_execution_device`; a ``disk=`` budget is
+    checked after placement (accelerate itself treats disk as unbounded).
 
     The tokenizer gets a pad token (the EOS token when the model has none) and
     right padding: zotune gathers the scored positions explicitly, so right
@@ -712,23 +746,28 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     check_architecture(raw, kind, src.hub_id or src.where)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
     placement = placement_for(device, device_map, max_memory, offload_folder)
+    temporary = None
+    if placement is not None and placement.offload_folder is None:
+        temporary = placement.offload_folder = tempfile.mkdtemp(prefix="zotune-offload-")
     extra = placement.kwargs() if placement else {}
     try:
         with _hub_errors(src.hub_id):
             model = cls.from_pretrained(src.where, dtype=dtype, **src.hub_kwargs, **extra)
             tok = AutoTokenizer.from_pretrained(src.where, **src.hub_kwargs)
-    except (OSError, ValueError) as exc:
-        if placement and placement.temporary_folder:
-            shutil.rmtree(placement.offload_folder, ignore_errors=True)
-        raise ZOError(f"cannot load model from {src.hub_id or src.where}: {_one_line(exc)}") from exc
+    except BaseException as exc:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(exc, (OSError, ValueError)):
+            raise ZOError(f"cannot load model from {src.hub_id or src.where}: {_one_line(exc)}") from exc
+        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
     if placement is None:
         model.to(device)
     else:
-        if placement.temporary_folder:
-            weakref.finalize(model, shutil.rmtree, placement.offload_folder, True)
+        if temporary:
+            weakref.finalize(model, shutil.rmtree, temporary, True)
         if offloaded_modules(model) and os.environ.get("ZOTUNE_MALLOPT", "1") != "0":
             fix_mmap_threshold()
         if placement.disk_limit is not None and _disk_bytes(model) > placement.disk_limit:
