@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROBE_IDS, VOCAB, build_tiny, synthetic_examples
+from conftest import PROBE_IDS, VOCAB, synthetic_examples
 from zotune.errors import ZOError
 from zotune.models import (
     adapters_on_execution_device,
