@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,20 @@ def test_adding_a_method_is_adding_one_file(tiny_llama, tmp_path, request, capsy
     capsys.readouterr()
     assert main(["replay", str(tmp_path / "run")]) == 0
     assert json.loads(capsys.readouterr().out)["bit_identical"] is True
+
+
+def test_a_base_offloaded_to_disk_trains_with_the_in_memory_slopes(tiny_llama, tmp_path, capsys):
+    """--max-memory smaller than the model puts layers on disk (accelerate); the LoRA factors stay on the
+    CPU, and every logged slope g equals the in-memory run's (to float tolerance); full-weight methods
+    are refused in one line before any model loads."""
+    common = ("--method", "mezo-lora", "--steps", "3", "--dtype", "float32")
+    assert main([*tiny_run(tiny_llama, tmp_path / "memory"), *common]) == 0
+    capsys.readouterr()
+    disk = tiny_run(tiny_llama, tmp_path / "disk", "--max-memory", "cpu=40KB")
+    disk[disk.index("--progress") + 1] = "true"  # the log line says where the modules went
+    assert main([*disk, *common]) == 0
+    assert re.search(r"placement: .*\d+ on disk", capsys.readouterr().err)  # part of the base went to disk
+    g = {run: [r["g"][0] for r in RunDir(tmp_path / run).trajectory()] for run in ("memory", "disk")}
+    assert g["memory"] == pytest.approx(g["disk"], rel=1e-5, abs=1e-7)
+    assert main([*tiny_run(tiny_llama, tmp_path / "full"), "--method", "mezo", "--max-memory", "cpu=40KB"]) == 2
+    assert "use an adapter method" in capsys.readouterr().err

@@ -165,11 +165,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if kind != "causal":
         raise ZOError(f"model {args.model!r} is an encoder; prompt scoring needs a causal LM for now")
     if args.adapter:
-        from peft import PeftModel
+        from .models import load_adapter
 
         if not Path(args.adapter, "adapter_config.json").exists():
             raise ZOError(f"{args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = load_adapter(model, args.adapter).eval()  # peft's loader, kept off "meta" for an offloaded base
     with torch.no_grad():
         score = score_split(Scorer(model, tok, args.max_length), examples, args.batch_size, progress=True,
                             desc=args.split)

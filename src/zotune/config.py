@@ -85,6 +85,12 @@ class TrainConfig:
                             "CUDA GPU with bf16, or a CPU with avx512_bf16/AMX; for methods whose trainable values "
                             "stay float32 (peft keeps LoRA factors in float32); float32 otherwise. The run directory "
                             "records what auto picked and why) | float32 | bfloat16")
+    device_map: str = _f("", "place a model larger than one device with accelerate: auto | balanced | sequential "
+                             "(empty: the whole model on --device). LoRA-type methods only: the base may be split "
+                             "over GPUs, CPU and disk, the trainable factors stay on the execution device")
+    max_memory: str = _f("", "per-device budget for --device-map, e.g. 'cpu=300MiB,disk=10GiB' or "
+                             "'0=20GiB,cpu=64GiB' (implies --device-map auto)")
+    offload_folder: str = _f("", "where weights beyond --max-memory go on disk (empty: a temporary folder)")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     progress: bool = _f(True, "show progress bars")
     # distributed runs (torchrun) and guards

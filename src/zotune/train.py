@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .errors import ZOError, require
 from .hardware import peak_memory_mb
 from .metrics import metric_name, score_split
+from .models import describe_placement
 from .report import plot_run
 from .rundir import RunDir, check_free_space, run_bytes, safetensors_bytes
 from .setup import batch_indices, load_data, setup
@@ -101,6 +102,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     held = " (dev held out from the training data: no --dev-file)" if "held out" in data.sources.get("dev", "") else ""
     say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev{held} / {len(data.test)} test; "
         f"base weights in {run.precision.name} ({run.precision.reason})")
+    if cfg.device_map or cfg.max_memory or cfg.offload_folder:
+        say(f"zotune: {describe_placement(model)}")
     if cluster.world > 1:
         say(cluster.describe())
     if previous:
