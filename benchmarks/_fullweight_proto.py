@@ -1,0 +1,388 @@
+"""Prototypes for a snapshot-free full-weight ZO step, and the profile behind them (issue 15).
+
+Nothing here is used by zotune; it is the measurement behind
+``benchmarks/results/full_weight_profile.md``. Two commands:
+
+    PYTHONPATH=src python benchmarks/_fullweight_proto.py profile --threads 1   # SmolLM2-135M fp32: where a step's time goes
+    PYTHONPATH=src python benchmarks/_fullweight_proto.py drift --steps 1000    # |theta - theta_exact| after lr-0 steps
+
+Schemes (all regenerate z from seeds; none keeps a copy of the weights):
+
+* ``regen``: MeZO's in-place sequence  +eps z, eval, -2eps z, eval, +eps z, then the update
+  -lr g z as a fourth pass (4 generations, 4 element-wise passes);
+* ``fused``: the update folded into the restore: +eps z, eval L+, -2eps z, eval L-, then
+  g = (L+ - L-)/2eps and one pass +(eps - lr g) z, which takes theta - eps z to
+  theta - lr g z (3 generations, 3 passes);
+* z per tensor (``chunk=0``: one ``randn`` of the tensor's shape, a tensor-sized temporary)
+  or in flat chunks (``chunk=C``: a reusable C-element buffer; chunk k of a tensor is drawn
+  from its own generator seeded by (tensor seed, k), so z does not depend on the order or
+  size of processing beyond C itself);
+* Gaussian (``normal_``) or Rademacher (+-1: 64 random bits per int64 draw, 8 per byte;
+  the sign of each byte here, so 8 bits per element);
+* ``foreach``: the same passes through ``torch._foreach_add_`` over per-tensor z lists
+  (needs every z of a group at once: memory-hungry, measured for speed only).
+
+The engine's current step (snapshot, +eps z, theta - eps z = 2 snapshot - (theta + eps z),
+restore by copy, update with regenerated z) is measured through ``zotune.ZOOptimizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from zotune.engine import QueryKey, gaussian_like, tensor_seed  # noqa: E402
+from zotune.rounding import add_stochastic_, block_seed  # noqa: E402
+
+
+# -- directions -------------------------------------------------------------------------------------
+class Directions:
+    """z for (tensor, step) from seeds, delivered whole or chunk by chunk into a reusable buffer."""
+
+    def __init__(self, kind: str = "gaussian", chunk: int = 1 << 20):
+        if kind not in ("gaussian", "rademacher"):
+            raise ValueError(kind)
+        self.kind, self.chunk = kind, chunk
+        self.gen = torch.Generator()
+        self.buf = torch.empty(chunk or 0, dtype=torch.float32)
+        self.bits = torch.empty(-(-(chunk or 0) // 8), dtype=torch.int64)
+
+    def whole(self, like: torch.Tensor, seed: int) -> torch.Tensor:
+        """z shaped like ``like`` (float32), one tensor-sized temporary."""
+        self.gen.manual_seed(seed)
+        if self.kind == "gaussian":
+            return torch.randn(like.shape, generator=self.gen, dtype=torch.float32)
+        n = like.numel()
+        bits = torch.empty(-(-n // 8), dtype=torch.int64).random_(-(1 << 63), None, generator=self.gen)
+        return torch.sign(bits.view(torch.int8)[:n].bitwise_or(1)).to(torch.float32).view(like.shape)
+
+    def chunk_of(self, seed: int, k: int, n: int) -> torch.Tensor:
+        """Elements [k*C, k*C + n) of the flattened z (n <= C), in the shared buffer (overwritten next call)."""
+        self.gen.manual_seed(block_seed(seed, k))
+        if self.kind == "gaussian":
+            return self.buf[:n].normal_(generator=self.gen)
+        bits = self.bits[: -(-n // 8)].random_(-(1 << 63), None, generator=self.gen)
+        b = bits.view(torch.int8)[:n].bitwise_or_(1)  # odd, never 0: its sign is the byte's top bit
+        return self.buf[:n].copy_(b).sign_()
+
+
+def add_direction_(views, key_seeds: list[int], dirs: Directions, coef: float, rounding: str = "nearest",
+                   sr_seed: int = 0) -> None:
+    """theta += coef * z for every view (z regenerated); bf16 views round to nearest or stochastically."""
+    for i, ((name, v), seed) in enumerate(zip(views, key_seeds)):
+        if rounding == "stochastic" and v.dtype in (torch.bfloat16, torch.float16):
+            C = dirs.chunk or v.numel()
+            if dirs.chunk:
+                upd = lambda a, b, s=seed, C=C: _chunks_between(dirs, s, C, a, b)
+            else:
+                z = dirs.whole(v, seed).reshape(-1)
+                upd = lambda a, b, z=z: z[a:b]
+            add_stochastic_(v, upd, block_seed(sr_seed, i), alpha=coef, chunk=max(C, 1 << 16))
+            continue
+        if not dirs.chunk:
+            v.add_(dirs.whole(v, seed), alpha=coef)
+            continue
+        flat = v.view(-1)
+        C = dirs.chunk
+        for k, start in enumerate(range(0, flat.numel(), C)):
+            stop = min(flat.numel(), start + C)
+            flat[start:stop].add_(dirs.chunk_of(seed, k, stop - start), alpha=coef)
+
+
+def _chunks_between(dirs: Directions, seed: int, C: int, a: int, b: int) -> torch.Tensor:
+    """Flat z elements [a, b) built from the C-sized seeded chunks (a is a multiple of C here)."""
+    parts = []
+    for start in range(a, b, C):
+        n = min(b, start + C) - start
+        parts.append(dirs.chunk_of(seed, start // C, n).clone() if b - a > C else dirs.chunk_of(seed, start // C, n))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def seeds_for(views, seed: int, step: int) -> list[int]:
+    key = QueryKey(seed, step, 0)
+    return [tensor_seed(key, name) for name, _ in views]
+
+
+@torch.no_grad()
+def step_fused(views, loss, eps: float, lr: float, seed: int, step: int, dirs: Directions,
+               rounding: str = "nearest") -> float:
+    """+eps z, L+, -2eps z, L-, then +(eps - lr g) z: restore and update in one pass (3 generations)."""
+    s = seeds_for(views, seed, step)
+    add_direction_(views, s, dirs, eps, rounding, sr_seed=3 * step)
+    lp = loss()
+    add_direction_(views, s, dirs, -2 * eps, rounding, sr_seed=3 * step + 1)
+    lm = loss()
+    g = (lp - lm) / (2 * eps)
+    add_direction_(views, s, dirs, eps - lr * g, rounding, sr_seed=3 * step + 2)
+    return g
+
+
+@torch.no_grad()
+def step_regen(views, loss, eps: float, lr: float, seed: int, step: int, dirs: Directions) -> float:
+    """MeZO's sequence: +eps z, L+, -2eps z, L-, +eps z, then -lr g z (4 generations)."""
+    s = seeds_for(views, seed, step)
+    add_direction_(views, s, dirs, eps)
+    lp = loss()
+    add_direction_(views, s, dirs, -2 * eps)
+    lm = loss()
+    add_direction_(views, s, dirs, eps)
+    g = (lp - lm) / (2 * eps)
+    if lr * g:
+        add_direction_(views, s, dirs, -lr * g)
+    return g
+
+
+@torch.no_grad()
+def step_foreach(views, loss, eps: float, lr: float, seed: int, step: int, group: int = 64) -> float:
+    """The fused sequence with torch._foreach_add_ over groups of ``group`` tensors (z of a group held at once)."""
+    s = seeds_for(views, seed, step)
+    ts = [v for _, v in views]
+
+    def apply(coef):
+        for i in range(0, len(ts), group):
+            zs = [gaussian_like(t, sd) for t, sd in zip(ts[i:i + group], s[i:i + group])]
+            torch._foreach_add_(ts[i:i + group], zs, alpha=coef)
+
+    apply(eps)
+    lp = loss()
+    apply(-2 * eps)
+    lm = loss()
+    g = (lp - lm) / (2 * eps)
+    apply(eps - lr * g)
+    return g
+
+
+# -- exact-restore option for bf16 (integer domain) -------------------------------------------------
+def _to_ordered(bits: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns (int16) -> int32 keys ordered like the values (sign-magnitude -> two's complement)."""
+    b = bits.to(torch.int32)
+    return torch.where(b < 0, -(b & 0x7FFF), b)
+
+
+def _from_ordered(keys: torch.Tensor) -> torch.Tensor:
+    return torch.where(keys < 0, (-keys) | -32768, keys).to(torch.int16)  # -0 never produced: keys<0 only
+
+
+@torch.no_grad()
+def add_ulps_(v: torch.Tensor, k: torch.Tensor) -> None:
+    """v (bf16) moved by k ulps along the value order: exactly invertible (add -k), no rounding."""
+    keys = _to_ordered(v.view(torch.int16)).add_(k)
+    v.view(torch.int16).copy_(_from_ordered(keys))
+
+
+# -- measurement helpers ------------------------------------------------------------------------------
+def rss_mb(field: str = "VmRSS") -> float:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def reset_peak() -> float:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_mb()
+
+
+def timed(fn, reps: int) -> tuple[float, float]:
+    """(median seconds, extra peak MiB over the RSS before the first call)."""
+    base = reset_peak()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), rss_mb("VmHWM") - base
+
+
+def profile(args) -> dict:
+    torch.set_num_threads(args.threads)
+    import zotune
+    from zotune.evaluate import Scorer
+    from zotune.models import load_model
+    from zotune.tasks import load_task
+    from zotune.train import batch_indices
+
+    model, tok, _ = load_model(args.model)
+    data = load_task("rotten-tomatoes")
+    batch = [data.train[i] for i in batch_indices(len(data.train), 16, 0, 0)]
+    scorer = Scorer(model, tok)
+    opt = zotune.ZOOptimizer(model, method="mezo", lr=1e-6, eps=1e-3, seed=0)
+    views = [(n, p.data) for n, p in opt.method.params.items()]
+    numel = sum(v.numel() for _, v in views)
+    biggest = max(views, key=lambda x: x[1].numel())
+    out = {"model": args.model, "threads": torch.get_num_threads(), "tensors": len(views), "params": numel,
+           "largest": [biggest[0], list(biggest[1].shape)], "torch": torch.__version__, "reps": args.reps}
+    loss = lambda: scorer.loss(batch)
+    flip = [0]
+
+    def zero() -> float:  # no forward; alternating 0 / 1e-9 so g != 0 and the update pass runs (lr*g ~ 5e-13)
+        flip[0] ^= 1
+        return 1e-9 * flip[0]
+    loss()
+    r = {}
+
+    def record(name, fn, reps=args.reps):
+        sec, extra = timed(fn, reps)
+        r[name] = {"s": sec, "extra_peak_mb": extra}
+        print(f"{name:48s} {sec:8.3f} s   +{extra:7.1f} MiB", flush=True)
+
+    record("forward", loss, max(3, args.reps))
+    # -- the components, each a full pass over all 134.5M weights ----------------------------------
+    seeds = seeds_for(views, 0, 0)
+    record("python/seed overhead: tensor_seed+Generator x tensors",
+           lambda: [torch.Generator().manual_seed(tensor_seed(QueryKey(0, 0, 0), n)) for n, _ in views])
+    record("gaussian gen, per tensor (engine's gaussian_like)", lambda: [gaussian_like(v, s) for (_, v), s in zip(views, seeds)])
+    for C in (1 << 16, 1 << 20, 1 << 22):
+        d = Directions("gaussian", C)
+        record(f"gaussian gen, chunks of 2^{int(math.log2(C))}",
+               lambda d=d, C=C: [d.chunk_of(s, k, min(C, v.numel() - k * C)) for (_, v), s in zip(views, seeds)
+                                 for k in range(-(-v.numel() // C))])
+    dr = Directions("rademacher", 1 << 20)
+    record("rademacher gen, chunks of 2^20",
+           lambda: [dr.chunk_of(s, k, min(1 << 20, v.numel() - k * (1 << 20))) for (_, v), s in zip(views, seeds)
+                    for k in range(-(-v.numel() // (1 << 20)))])
+    buf = torch.randn(1 << 20)
+
+    def add_pass():
+        for _, v in views:
+            f = v.view(-1)
+            for a in range(0, f.numel(), 1 << 20):
+                b = min(f.numel(), a + (1 << 20))
+                f[a:b].add_(buf[: b - a], alpha=1e-12)
+    record("element-wise add pass (chunked, no generation)", add_pass)
+    record("snapshot clone pass (engine)", lambda: [v.clone() for _, v in views], 1)
+    snap = [v.clone() for _, v in views]
+    record("restore copy_ pass (engine)", lambda: [v.copy_(s) for (_, v), s in zip(views, snap)])
+    record("mul_(-1).add_(snapshot, 2) pass (engine's -eps)", lambda: [v.mul_(-1).add_(s, alpha=2) for (_, v), s in zip(views, snap)])
+    for (_, v), s in zip(views, snap):
+        v.copy_(s)
+    del snap
+    # -- the non-forward part of whole steps (loss = constant): what a step adds to two forwards ----------
+    k = [0]
+
+    def nxt():
+        k[0] += 1
+        return k[0]
+    record("engine step overhead (ZOOptimizer mezo, no forwards)", lambda: opt.step(zero))
+    for name, dirs in [("fused gaussian per-tensor", Directions("gaussian", 0)),
+                       ("fused gaussian chunk 2^16", Directions("gaussian", 1 << 16)),
+                       ("fused gaussian chunk 2^20", Directions("gaussian", 1 << 20)),
+                       ("fused gaussian chunk 2^22", Directions("gaussian", 1 << 22)),
+                       ("fused rademacher chunk 2^20", Directions("rademacher", 1 << 20))]:
+        record(f"{name} (no forwards)", lambda dirs=dirs: step_fused(views, zero, 1e-3, 1e-6, 0, nxt(), dirs))
+    record("regen (MeZO 4-pass) gaussian chunk 2^20 (no forwards)",
+           lambda: step_regen(views, zero, 1e-3, 1e-6, 0, nxt(), Directions("gaussian", 1 << 20)))
+    record("fused gaussian, foreach groups of 64 (no forwards)", lambda: step_foreach(views, zero, 1e-3, 1e-6, 0, nxt()))
+    small = [(n, v) for n, v in views if v.dim() == 1]
+    record(f"1-D tensors only ({len(small)}): per-tensor loop, fused",
+           lambda: step_fused(small, zero, 1e-3, 1e-6, 0, nxt(), Directions("gaussian", 0)))
+    record(f"1-D tensors only ({len(small)}): foreach, fused", lambda: step_foreach(small, zero, 1e-3, 1e-6, 0, nxt(), 1000))
+    # -- whole steps with their forwards, interleaved with two plain forwards ---------------------------
+    d20 = Directions("gaussian", 1 << 20)
+    full = {"two forwards": lambda: (loss(), loss()),
+            "engine step (ZOOptimizer mezo)": lambda: opt.step(loss),
+            "fused gaussian chunk 2^20 step": lambda: step_fused(views, loss, 1e-3, 1e-6, 0, nxt(), d20)}
+    samples = {n: [] for n in full}
+    peaks = {}
+    for n, fn in full.items():  # warm + per-scheme peak
+        base = reset_peak()
+        fn()
+        peaks[n] = rss_mb("VmHWM") - base
+    for _ in range(args.full_reps):
+        for n, fn in full.items():
+            t = time.perf_counter()
+            fn()
+            samples[n].append(time.perf_counter() - t)
+    two = statistics.median(samples["two forwards"])
+    for n in full:
+        med = statistics.median(samples[n])
+        r[f"full: {n}"] = {"s": med, "over_two_forwards": med / two, "extra_peak_mb": peaks[n]}
+        print(f"full: {n:42s} {med:8.3f} s  x{med / two:.3f} of two forwards  +{peaks[n]:.1f} MiB", flush=True)
+    out["results"] = r
+    out["steady_rss_mb"] = rss_mb()
+    return out
+
+
+def drift(args) -> dict:
+    """max |theta - theta_exact| after lr-0 steps of regeneration-restore, on a subset of SmolLM2's tensors."""
+    torch.set_num_threads(args.threads)
+    from zotune.models import load_model
+
+    model, _, _ = load_model(args.model)
+    sub = [(n, p.data.clone()) for n, p in model.named_parameters() if any(s in n for s in args.subset.split(","))]
+    del model
+    out = {"subset": args.subset, "tensors": [n for n, _ in sub], "params": sum(t.numel() for _, t in sub),
+           "steps": args.steps, "eps": args.eps, "rows": []}
+    print(f"subset: {len(sub)} tensors, {out['params']:,} params", flush=True)
+    zero = lambda: 0.0
+    configs = [("float32", "gaussian", "nearest"), ("float32", "rademacher", "nearest"),
+               ("bfloat16", "gaussian", "nearest"), ("bfloat16", "gaussian", "stochastic"),
+               ("bfloat16", "rademacher", "nearest"), ("bfloat16", "ulps", "exact")]
+    for dtype_name, kind, rounding in configs:
+        dtype = getattr(torch, dtype_name)
+        views = [(n, t.to(dtype).clone()) for n, t in sub]
+        exact = [v.clone() for _, v in views]
+        t0 = time.perf_counter()
+        if kind == "ulps":  # integer-domain perturbation: +k, -2k, +k ulps with k ~ round(N(0,1)*eps/ulp-scale)
+            gen = torch.Generator()
+            for step in range(args.steps):
+                for (name, v), sd in zip(views, seeds_for(views, 0, step)):
+                    gen.manual_seed(sd)
+                    k = torch.randn(v.shape, generator=gen).mul_(4).round_().to(torch.int32)
+                    for c in (1, -2, 1):
+                        add_ulps_(v, c * k)
+        else:
+            dirs = Directions(kind, 1 << 20)
+            for step in range(args.steps):
+                step_fused(views, zero, args.eps, 0.0, 0, step, dirs, rounding)
+        sec = time.perf_counter() - t0
+        diffs = torch.cat([(v.double() - e.double()).reshape(-1) for (_, v), e in zip(views, exact)])
+        spacing = torch.cat([(torch.nextafter(e, torch.full_like(e, math.inf)).double() - e.double()).abs().reshape(-1)
+                             for e in exact])
+        row = {"dtype": dtype_name, "direction": kind, "rounding": rounding,
+               "max_abs": diffs.abs().max().item(), "mean_abs": diffs.abs().mean().item(),
+               "mean_signed": diffs.mean().item(), "max_ulps": (diffs.abs() / spacing).max().item(),
+               "mean_ulps": (diffs.abs() / spacing).mean().item(),
+               "changed_fraction": (diffs != 0).double().mean().item(),
+               "rms_weight": torch.cat([e.double().reshape(-1) for e in exact]).pow(2).mean().sqrt().item(),
+               "seconds": sec}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["profile", "drift"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each component timing (median)")
+    ap.add_argument("--full-reps", type=int, default=3, help="interleaved rounds of whole steps with forwards")
+    ap.add_argument("--steps", type=int, default=1000, help="drift: lr-0 steps")
+    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--subset", default="layers.0.", help="drift: comma-separated substrings of tensor names")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    res = profile(args) if args.what == "profile" else drift(args)
+    out = Path(args.out or f"benchmarks/results/full_weight_{args.what}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
