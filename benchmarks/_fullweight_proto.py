@@ -17,8 +17,15 @@ Schemes (all regenerate z from seeds; none keeps a copy of the weights):
   or in flat chunks (``chunk=C``: a reusable C-element buffer; chunk k of a tensor is drawn
   from its own generator seeded by (tensor seed, k), so z does not depend on the order or
   size of processing beyond C itself);
-* Gaussian (``normal_``) or Rademacher (+-1: 64 random bits per int64 draw, 8 per byte;
+* Gaussian (``normal_``), ``gaussian-table`` (16 random bits index a table of the 2^16
+  N(0,1) bin-midpoint quantiles, rescaled to unit variance: a 65536-level discretized
+  Gaussian from one cheap draw and one gather), or Rademacher (+-1: 64 random bits per int64 draw, 8 per byte;
   the sign of each byte here, so 8 bits per element);
+* ``patched``: exact restore with no snapshot. Each pass regenerates z as ``fused`` does,
+  and also runs the next pass's inverse on the value it writes; the few elements whose
+  round trip RTN(RTN(theta + d z) - d z) != theta (a weight much smaller than eps|z|, or a
+  binade crossed upwards) are saved as (flat index, value) and patched in by the restore.
+  Bit-exact in float32 and bfloat16; the saved entries are ~1-2% of the weights at eps=1e-3;
 * ``foreach``: the same passes through ``torch._foreach_add_`` over per-tensor z lists
   (needs every z of a group at once: memory-hungry, measured for speed only).
 
@@ -52,12 +59,17 @@ class Directions:
     """z for (tensor, step) from seeds, delivered whole or chunk by chunk into a reusable buffer."""
 
     def __init__(self, kind: str = "gaussian", chunk: int = 1 << 20):
-        if kind not in ("gaussian", "rademacher"):
+        if kind not in ("gaussian", "rademacher", "gaussian-table"):
             raise ValueError(kind)
+        if kind == "gaussian-table":  # N(0,1) quantiles at the 2^16 bin midpoints, rescaled to unit variance
+            p = (torch.arange(1 << 16, dtype=torch.float64) + 0.5) / (1 << 16)
+            t = math.sqrt(2) * torch.erfinv(2 * p - 1)
+            self.table = (t / t.pow(2).mean().sqrt()).float()
         self.kind, self.chunk = kind, chunk
         self.gen = torch.Generator()
         self.buf = torch.empty(chunk or 0, dtype=torch.float32)
         self.bits = torch.empty(-(-(chunk or 0) // 8), dtype=torch.int64)
+        self.bits4 = torch.empty(-(-(chunk or 0) // 4), dtype=torch.int64) if kind == "gaussian-table" else None
 
     def whole(self, like: torch.Tensor, seed: int) -> torch.Tensor:
         """z shaped like ``like`` (float32), one tensor-sized temporary."""
@@ -65,6 +77,9 @@ class Directions:
         if self.kind == "gaussian":
             return torch.randn(like.shape, generator=self.gen, dtype=torch.float32)
         n = like.numel()
+        if self.kind == "gaussian-table":
+            bits = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(1 << 63), None, generator=self.gen)
+            return self.table[bits.view(torch.uint16)[:n].to(torch.int32)].view(like.shape)
         bits = torch.empty(-(-n // 8), dtype=torch.int64).random_(-(1 << 63), None, generator=self.gen)
         return torch.sign(bits.view(torch.int8)[:n].bitwise_or(1)).to(torch.float32).view(like.shape)
 
@@ -73,6 +88,9 @@ class Directions:
         self.gen.manual_seed(block_seed(seed, k))
         if self.kind == "gaussian":
             return self.buf[:n].normal_(generator=self.gen)
+        if self.kind == "gaussian-table":  # 16 random bits per element index the quantile table: one gather
+            bits = self.bits4[: -(-n // 4)].random_(-(1 << 63), None, generator=self.gen)
+            return torch.index_select(self.table, 0, bits.view(torch.uint16)[:n].to(torch.int32), out=self.buf[:n])
         bits = self.bits[: -(-n // 8)].random_(-(1 << 63), None, generator=self.gen)
         b = bits.view(torch.int8)[:n].bitwise_or_(1)  # odd, never 0: its sign is the byte's top bit
         return self.buf[:n].copy_(b).sign_()
@@ -164,6 +182,117 @@ def step_foreach(views, loss, eps: float, lr: float, seed: int, step: int, group
     return g
 
 
+# -- exact restore without a snapshot: regenerate, verify, patch the few elements that do not invert ----
+def _axpy(x: torch.Tensor, z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RTN(x + alpha z) in x's dtype, computed in float32 into a new tensor.
+
+    Every move, check and restore goes through this one function with the same chunk lengths,
+    so a check computes bit for bit what the later restore will compute.
+    """
+    y = x.to(torch.float32, copy=True).add_(z, alpha=alpha)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class Patch:
+    """The elements a restore would get wrong, saved exactly: (flat index, value) per tensor."""
+
+    def __init__(self):
+        self.idx: list[torch.Tensor | None] = []
+        self.val: list[torch.Tensor | None] = []
+
+    def entries(self) -> int:
+        return sum(0 if i is None else i.numel() for i in self.idx)
+
+    def nbytes(self) -> int:
+        return sum(0 if i is None else i.numel() * 4 + v.numel() * v.element_size() for i, v in zip(self.idx, self.val))
+
+
+@torch.no_grad()
+def _move_and_record(views, seeds, dirs: Directions, delta: float, undo: float, patch_in: Patch | None,
+                     back: float | None) -> Patch:
+    """One pass: theta <- RTN(theta0 + delta z) where theta0 is the exact weight (recovered first when
+    ``patch_in``: theta0 = RTN(theta + back z) patched), recording where RTN(new + undo z) != theta0."""
+    out = Patch()
+    C = dirs.chunk
+    for i, ((_, v), seed) in enumerate(zip(views, seeds)):
+        flat = v.view(-1)
+        idx_in = None if patch_in is None else patch_in.idx[i]
+        val_in = None if patch_in is None else patch_in.val[i]
+        idx_out, val_out = [], []
+        for k, a in enumerate(range(0, flat.numel(), C)):
+            b = min(flat.numel(), a + C)
+            z = dirs.chunk_of(seed, k, b - a)
+            part = flat[a:b]
+            if patch_in is None:
+                theta0 = part.clone()
+            else:
+                theta0 = _axpy(part, z, back)  # RTN(theta + back z) ...
+                if idx_in is not None:  # ... patched where that does not give theta0 back
+                    sel = (idx_in >= a) & (idx_in < b)
+                    if sel.any():
+                        theta0[(idx_in[sel] - a).long()] = val_in[sel]
+            new = _axpy(theta0, z, delta)
+            bad = (_axpy(new, z, undo) != theta0).nonzero().view(-1)
+            if bad.numel():
+                idx_out.append((bad + a).to(torch.int32))
+                val_out.append(theta0[bad].clone())
+            part.copy_(new)
+        out.idx.append(torch.cat(idx_out) if idx_out else None)
+        out.val.append(torch.cat(val_out) if val_out else None)
+    return out
+
+
+@torch.no_grad()
+def _restore_and_update(views, seeds, dirs: Directions, back: float, patch_in: Patch, lr_g: float,
+                        rounding: str, sr_seed: int) -> None:
+    C = dirs.chunk
+    for i, ((_, v), seed) in enumerate(zip(views, seeds)):
+        flat = v.view(-1)
+        idx_in, val_in = patch_in.idx[i], patch_in.val[i]
+        for k, a in enumerate(range(0, flat.numel(), C)):
+            b = min(flat.numel(), a + C)
+            z = dirs.chunk_of(seed, k, b - a)
+            part = flat[a:b]
+            theta0 = _axpy(part, z, back)
+            if idx_in is not None:
+                sel = (idx_in >= a) & (idx_in < b)
+                if sel.any():
+                    theta0[(idx_in[sel] - a).long()] = val_in[sel]
+            if lr_g:
+                if v.dtype in (torch.float32, torch.float64) or rounding == "nearest":
+                    theta0 = _axpy(theta0, z, -lr_g)
+                else:
+                    add_stochastic_(theta0, z, block_seed(block_seed(sr_seed, i), k), alpha=-lr_g)
+            part.copy_(theta0)
+
+
+@torch.no_grad()
+def step_patched(views, loss, eps: float, lr: float, seed: int, step: int, dirs: Directions,
+                 rounding: str = "stochastic", stats: dict | None = None) -> float:
+    """Exact restore, no snapshot: 3 regenerations of z, like ``step_fused``.
+
+    pass 1: theta+ = RTN(theta + eps z); save (i, theta_i) where RTN(theta+ - eps z) != theta.
+    pass 2: theta = RTN(theta+ - eps z), patched; theta- = RTN(theta - eps z); save where
+            RTN(theta- + eps z) != theta.
+    pass 3: theta = RTN(theta- + eps z), patched (exact); then the update theta - lr g z
+            (bf16/fp16: stochastic rounding by default).
+    The check in each pass runs the very arithmetic the next pass will run, so the restore is
+    bit-exact by construction; only the elements whose round trip fails are stored (a few %).
+    """
+    s = seeds_for(views, seed, step)
+    p_plus = _move_and_record(views, s, dirs, eps, -eps, None, None)
+    lp = loss()
+    p_minus = _move_and_record(views, s, dirs, -eps, eps, p_plus, -eps)
+    if stats is not None:
+        stats["patch_entries"] = max(stats.get("patch_entries", 0), p_plus.entries() + p_minus.entries())
+        stats["patch_bytes"] = max(stats.get("patch_bytes", 0), p_plus.nbytes() + p_minus.nbytes())
+    del p_plus
+    lm = loss()
+    g = (lp - lm) / (2 * eps)
+    _restore_and_update(views, s, dirs, eps, p_minus, lr * g, rounding, sr_seed=step)
+    return g
+
+
 # -- exact-restore option for bf16 (integer domain) -------------------------------------------------
 def _to_ordered(bits: torch.Tensor) -> torch.Tensor:
     """bf16 bit patterns (int16) -> int32 keys ordered like the values (sign-magnitude -> two's complement)."""
@@ -252,6 +381,10 @@ def profile(args) -> dict:
                lambda d=d, C=C: [d.chunk_of(s, k, min(C, v.numel() - k * C)) for (_, v), s in zip(views, seeds)
                                  for k in range(-(-v.numel() // C))])
     dr = Directions("rademacher", 1 << 20)
+    dt = Directions("gaussian-table", 1 << 20)
+    record("gaussian-table gen, chunks of 2^20",
+           lambda: [dt.chunk_of(s, k, min(1 << 20, v.numel() - k * (1 << 20))) for (_, v), s in zip(views, seeds)
+                    for k in range(-(-v.numel() // (1 << 20)))])
     record("rademacher gen, chunks of 2^20",
            lambda: [dr.chunk_of(s, k, min(1 << 20, v.numel() - k * (1 << 20))) for (_, v), s in zip(views, seeds)
                     for k in range(-(-v.numel() // (1 << 20)))])
@@ -282,8 +415,19 @@ def profile(args) -> dict:
                        ("fused gaussian chunk 2^16", Directions("gaussian", 1 << 16)),
                        ("fused gaussian chunk 2^20", Directions("gaussian", 1 << 20)),
                        ("fused gaussian chunk 2^22", Directions("gaussian", 1 << 22)),
+                       ("fused gaussian-table chunk 2^20", Directions("gaussian-table", 1 << 20)),
                        ("fused rademacher chunk 2^20", Directions("rademacher", 1 << 20))]:
         record(f"{name} (no forwards)", lambda dirs=dirs: step_fused(views, zero, 1e-3, 1e-6, 0, nxt(), dirs))
+    pstats: dict = {}
+    for name, dirs in [("patched-exact gaussian chunk 2^16", Directions("gaussian", 1 << 16)),
+                       ("patched-exact gaussian chunk 2^20", Directions("gaussian", 1 << 20)),
+                       ("patched-exact rademacher chunk 2^16", Directions("rademacher", 1 << 16))]:
+        record(f"{name} (no forwards)", lambda dirs=dirs: step_patched(views, zero, 1e-3, 1e-6, 0, nxt(), dirs,
+                                                                          stats=pstats))
+    r["patch"] = {"max_entries": pstats["patch_entries"], "max_bytes": pstats["patch_bytes"],
+                  "entries_per_param": pstats["patch_entries"] / numel}
+    print(f"patch: {pstats['patch_entries']:,} entries ({pstats['patch_entries'] / numel:.4f} per weight), "
+          f"{pstats['patch_bytes'] / 2**20:.1f} MiB", flush=True)
     record("regen (MeZO 4-pass) gaussian chunk 2^20 (no forwards)",
            lambda: step_regen(views, zero, 1e-3, 1e-6, 0, nxt(), Directions("gaussian", 1 << 20)))
     record("fused gaussian, foreach groups of 64 (no forwards)", lambda: step_foreach(views, zero, 1e-3, 1e-6, 0, nxt()))
@@ -292,10 +436,16 @@ def profile(args) -> dict:
            lambda: step_fused(small, zero, 1e-3, 1e-6, 0, nxt(), Directions("gaussian", 0)))
     record(f"1-D tensors only ({len(small)}): foreach, fused", lambda: step_foreach(small, zero, 1e-3, 1e-6, 0, nxt(), 1000))
     # -- whole steps with their forwards, interleaved with two plain forwards ---------------------------
-    d20 = Directions("gaussian", 1 << 20)
+    d20, t20, r20 = (Directions(k, 1 << 20) for k in ("gaussian", "gaussian-table", "rademacher"))
+    p16, pt16 = Directions("gaussian", 1 << 16), Directions("gaussian-table", 1 << 16)
+    grads = []
     full = {"two forwards": lambda: (loss(), loss()),
-            "engine step (ZOOptimizer mezo)": lambda: opt.step(loss),
-            "fused gaussian chunk 2^20 step": lambda: step_fused(views, loss, 1e-3, 1e-6, 0, nxt(), d20)}
+            "engine step (ZOOptimizer mezo)": lambda: grads.extend(opt.step(loss) and opt.last.grads),
+            "fused gaussian chunk 2^20 step": lambda: grads.append(step_fused(views, loss, 1e-3, 1e-6, 0, nxt(), d20)),
+            "fused gaussian-table chunk 2^20 step": lambda: step_fused(views, loss, 1e-3, 1e-6, 0, nxt(), t20),
+            "fused rademacher chunk 2^20 step": lambda: step_fused(views, loss, 1e-3, 1e-6, 0, nxt(), r20),
+            "patched-exact gaussian chunk 2^16 step": lambda: step_patched(views, loss, 1e-3, 1e-6, 0, nxt(), p16),
+            "patched-exact gaussian-table chunk 2^16 step": lambda: step_patched(views, loss, 1e-3, 1e-6, 0, nxt(), pt16)}
     samples = {n: [] for n in full}
     peaks = {}
     for n, fn in full.items():  # warm + per-scheme peak
@@ -314,11 +464,17 @@ def profile(args) -> dict:
         print(f"full: {n:42s} {med:8.3f} s  x{med / two:.3f} of two forwards  +{peaks[n]:.1f} MiB", flush=True)
     out["results"] = r
     out["steady_rss_mb"] = rss_mb()
+    out["g_samples"] = grads  # the measured slopes: lr*|g| is the size of a real update, for the drift comparison
     return out
 
 
 def drift(args) -> dict:
-    """max |theta - theta_exact| after lr-0 steps of regeneration-restore, on a subset of SmolLM2's tensors."""
+    """max |theta - theta_exact| after lr-0 steps of regeneration-restore, on a subset of SmolLM2's tensors.
+
+    No forwards are run (the restore's drift does not depend on the losses): each step is the fused
+    sequence +eps z, -2eps z, +(eps - 0) z. ulps are counted at max(|w|, eps), the magnitude at which
+    the perturbed value is rounded (a weight of exactly 0 would otherwise have a subnormal ulp).
+    """
     torch.set_num_threads(args.threads)
     from zotune.models import load_model
 
@@ -331,7 +487,8 @@ def drift(args) -> dict:
     zero = lambda: 0.0
     configs = [("float32", "gaussian", "nearest"), ("float32", "rademacher", "nearest"),
                ("bfloat16", "gaussian", "nearest"), ("bfloat16", "gaussian", "stochastic"),
-               ("bfloat16", "rademacher", "nearest"), ("bfloat16", "ulps", "exact")]
+               ("bfloat16", "rademacher", "nearest"), ("bfloat16", "ulps", "exact"),
+               ("float32", "gaussian", "patched"), ("bfloat16", "gaussian", "patched")]
     for dtype_name, kind, rounding in configs:
         dtype = getattr(torch, dtype_name)
         views = [(n, t.to(dtype).clone()) for n, t in sub]
@@ -345,21 +502,33 @@ def drift(args) -> dict:
                     k = torch.randn(v.shape, generator=gen).mul_(4).round_().to(torch.int32)
                     for c in (1, -2, 1):
                         add_ulps_(v, c * k)
+        elif rounding == "patched":
+            dirs, st = Directions(kind, 1 << 16), {}
+            for step in range(args.steps):
+                step_patched(views, zero, args.eps, 0.0, 0, step, dirs, stats=st)
         else:
             dirs = Directions(kind, 1 << 20)
             for step in range(args.steps):
                 step_fused(views, zero, args.eps, 0.0, 0, step, dirs, rounding)
         sec = time.perf_counter() - t0
         diffs = torch.cat([(v.double() - e.double()).reshape(-1) for (_, v), e in zip(views, exact)])
-        spacing = torch.cat([(torch.nextafter(e, torch.full_like(e, math.inf)).double() - e.double()).abs().reshape(-1)
-                             for e in exact])
+        w = torch.cat([e.double().reshape(-1) for e in exact])
+        # the spacing at max(|w|, eps): the scale at which the perturbed value theta +- eps z is rounded
+        scale = w.abs().clamp(min=args.eps).to(dtype)
+        spacing = (torch.nextafter(scale, torch.full_like(scale, math.inf)).double() - scale.double())
+        big = w.abs() >= 1e-2
+        rel = diffs[big].abs() / w[big].abs()
         row = {"dtype": dtype_name, "direction": kind, "rounding": rounding,
                "max_abs": diffs.abs().max().item(), "mean_abs": diffs.abs().mean().item(),
-               "mean_signed": diffs.mean().item(), "max_ulps": (diffs.abs() / spacing).max().item(),
-               "mean_ulps": (diffs.abs() / spacing).mean().item(),
+               "mean_signed": diffs.mean().item(),
+               "mean_signed_z": (diffs.mean() / (diffs.std() / math.sqrt(diffs.numel()) + 1e-300)).item(),
+               "max_ulps": (diffs.abs() / spacing).max().item(), "mean_ulps": (diffs.abs() / spacing).mean().item(),
+               "max_rel_w_ge_0.01": rel.max().item(), "mean_rel_w_ge_0.01": rel.mean().item(),
                "changed_fraction": (diffs != 0).double().mean().item(),
-               "rms_weight": torch.cat([e.double().reshape(-1) for e in exact]).pow(2).mean().sqrt().item(),
+               "rms_weight": w.pow(2).mean().sqrt().item(), "max_abs_weight": w.abs().max().item(),
                "seconds": sec}
+        if rounding == "patched":
+            row["patch_max_entries_per_param"] = st["patch_entries"] / out["params"]
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     return out
