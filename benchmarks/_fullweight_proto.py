@@ -184,27 +184,34 @@ def step_foreach(views, loss, eps: float, lr: float, seed: int, step: int, group
 
 # -- exact restore without a snapshot: regenerate, verify, patch the few elements that do not invert ----
 def _axpy(x: torch.Tensor, z: torch.Tensor, alpha: float) -> torch.Tensor:
-    """RTN(x + alpha z) in x's dtype, computed in float32 into a new tensor.
+    """RTN(x + alpha z) in x's dtype, computed in float32 (a bf16 x promotes) into a new tensor.
 
     Every move, check and restore goes through this one function with the same chunk lengths,
     so a check computes bit for bit what the later restore will compute.
     """
-    y = x.to(torch.float32, copy=True).add_(z, alpha=alpha)
-    return y if x.dtype == torch.float32 else y.to(x.dtype)
+    y = torch.add(x, z, alpha=alpha)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class Patch:
-    """The elements a restore would get wrong, saved exactly: (flat index, value) per tensor."""
+    """The elements a restore would get wrong, saved exactly: per (tensor, chunk), local indices and values."""
 
     def __init__(self):
-        self.idx: list[torch.Tensor | None] = []
-        self.val: list[torch.Tensor | None] = []
+        self.entries_: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, i: int, k: int, idx: torch.Tensor, val: torch.Tensor) -> None:
+        self.entries_[(i, k)] = (idx.to(torch.int32), val)
+
+    def apply_(self, i: int, k: int, theta: torch.Tensor) -> None:
+        hit = self.entries_.get((i, k))
+        if hit is not None:
+            theta[hit[0].long()] = hit[1]
 
     def entries(self) -> int:
-        return sum(0 if i is None else i.numel() for i in self.idx)
+        return sum(i.numel() for i, _ in self.entries_.values())
 
     def nbytes(self) -> int:
-        return sum(0 if i is None else i.numel() * 4 + v.numel() * v.element_size() for i, v in zip(self.idx, self.val))
+        return sum(i.numel() * 4 + v.numel() * v.element_size() for i, v in self.entries_.values())
 
 
 @torch.no_grad()
@@ -216,29 +223,20 @@ def _move_and_record(views, seeds, dirs: Directions, delta: float, undo: float, 
     C = dirs.chunk
     for i, ((_, v), seed) in enumerate(zip(views, seeds)):
         flat = v.view(-1)
-        idx_in = None if patch_in is None else patch_in.idx[i]
-        val_in = None if patch_in is None else patch_in.val[i]
-        idx_out, val_out = [], []
         for k, a in enumerate(range(0, flat.numel(), C)):
             b = min(flat.numel(), a + C)
             z = dirs.chunk_of(seed, k, b - a)
             part = flat[a:b]
             if patch_in is None:
-                theta0 = part.clone()
+                theta0 = part  # read before it is overwritten below
             else:
-                theta0 = _axpy(part, z, back)  # RTN(theta + back z) ...
-                if idx_in is not None:  # ... patched where that does not give theta0 back
-                    sel = (idx_in >= a) & (idx_in < b)
-                    if sel.any():
-                        theta0[(idx_in[sel] - a).long()] = val_in[sel]
+                theta0 = _axpy(part, z, back)  # RTN(theta + back z), patched where that is not theta0
+                patch_in.apply_(i, k, theta0)
             new = _axpy(theta0, z, delta)
             bad = (_axpy(new, z, undo) != theta0).nonzero().view(-1)
             if bad.numel():
-                idx_out.append((bad + a).to(torch.int32))
-                val_out.append(theta0[bad].clone())
+                out.add(i, k, bad, theta0[bad].clone())
             part.copy_(new)
-        out.idx.append(torch.cat(idx_out) if idx_out else None)
-        out.val.append(torch.cat(val_out) if val_out else None)
     return out
 
 
@@ -248,16 +246,12 @@ def _restore_and_update(views, seeds, dirs: Directions, back: float, patch_in: P
     C = dirs.chunk
     for i, ((_, v), seed) in enumerate(zip(views, seeds)):
         flat = v.view(-1)
-        idx_in, val_in = patch_in.idx[i], patch_in.val[i]
         for k, a in enumerate(range(0, flat.numel(), C)):
             b = min(flat.numel(), a + C)
             z = dirs.chunk_of(seed, k, b - a)
             part = flat[a:b]
             theta0 = _axpy(part, z, back)
-            if idx_in is not None:
-                sel = (idx_in >= a) & (idx_in < b)
-                if sel.any():
-                    theta0[(idx_in[sel] - a).long()] = val_in[sel]
+            patch_in.apply_(i, k, theta0)
             if lr_g:
                 if v.dtype in (torch.float32, torch.float64) or rounding == "nearest":
                     theta0 = _axpy(theta0, z, -lr_g)
@@ -326,15 +320,16 @@ def reset_peak() -> float:
     return rss_mb()
 
 
-def timed(fn, reps: int) -> tuple[float, float]:
-    """(median seconds, extra peak MiB over the RSS before the first call)."""
+def timed(fn, reps: int) -> tuple[float, float, float]:
+    """(median wall seconds, median process CPU seconds, extra peak MiB over the RSS before the first call)."""
     base = reset_peak()
-    ts = []
+    ts, cs = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts), rss_mb("VmHWM") - base
+        cs.append(time.process_time() - c)
+    return statistics.median(ts), statistics.median(cs), rss_mb("VmHWM") - base
 
 
 def profile(args) -> dict:
@@ -365,9 +360,10 @@ def profile(args) -> dict:
     r = {}
 
     def record(name, fn, reps=args.reps):
-        sec, extra = timed(fn, reps)
-        r[name] = {"s": sec, "extra_peak_mb": extra}
-        print(f"{name:48s} {sec:8.3f} s   +{extra:7.1f} MiB", flush=True)
+        sec, cpu, extra = timed(fn, reps)
+        r[name] = {"s": sec, "cpu_s": cpu, "ns_per_weight_cpu": cpu / numel * 1e9, "extra_peak_mb": extra}
+        print(f"{name:52s} {sec:8.3f} s  cpu {cpu:8.3f} s  {cpu / numel * 1e9:6.2f} ns/weight  +{extra:7.1f} MiB",
+              flush=True)
 
     record("forward", loss, max(3, args.reps))
     # -- the components, each a full pass over all 134.5M weights ----------------------------------
@@ -397,6 +393,20 @@ def profile(args) -> dict:
                 b = min(f.numel(), a + (1 << 20))
                 f[a:b].add_(buf[: b - a], alpha=1e-12)
     record("element-wise add pass (chunked, no generation)", add_pass)
+    bf = [v.to(torch.bfloat16) for _, v in views]  # a bf16 copy of the weights: the cost of writing updates into bf16
+
+    def bf16_pass(sr: bool):
+        for i, t in enumerate(bf):
+            f = t.view(-1)
+            for a in range(0, f.numel(), 1 << 20):
+                b = min(f.numel(), a + (1 << 20))
+                if sr:
+                    add_stochastic_(f[a:b], buf[: b - a], block_seed(i, a), alpha=1e-6, chunk=1 << 20)
+                else:
+                    f[a:b].add_(buf[: b - a], alpha=1e-6)
+    record("bf16 weights: round-to-nearest add pass", lambda: bf16_pass(False))
+    record("bf16 weights: stochastic-rounding add pass (rounding.py)", lambda: bf16_pass(True))
+    del bf
     record("snapshot clone pass (engine)", lambda: [v.clone() for _, v in views], 1)
     snap = [v.clone() for _, v in views]
     record("restore copy_ pass (engine)", lambda: [v.copy_(s) for (_, v), s in zip(views, snap)])
@@ -447,6 +457,7 @@ def profile(args) -> dict:
             "patched-exact gaussian chunk 2^16 step": lambda: step_patched(views, loss, 1e-3, 1e-6, 0, nxt(), p16),
             "patched-exact gaussian-table chunk 2^16 step": lambda: step_patched(views, loss, 1e-3, 1e-6, 0, nxt(), pt16)}
     samples = {n: [] for n in full}
+    cpu_samples = {n: [] for n in full}
     peaks = {}
     for n, fn in full.items():  # warm + per-scheme peak
         base = reset_peak()
@@ -454,14 +465,18 @@ def profile(args) -> dict:
         peaks[n] = rss_mb("VmHWM") - base
     for _ in range(args.full_reps):
         for n, fn in full.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             samples[n].append(time.perf_counter() - t)
+            cpu_samples[n].append(time.process_time() - c)
     two = statistics.median(samples["two forwards"])
+    two_cpu = statistics.median(cpu_samples["two forwards"])
     for n in full:
-        med = statistics.median(samples[n])
-        r[f"full: {n}"] = {"s": med, "over_two_forwards": med / two, "extra_peak_mb": peaks[n]}
-        print(f"full: {n:42s} {med:8.3f} s  x{med / two:.3f} of two forwards  +{peaks[n]:.1f} MiB", flush=True)
+        med, cpu = statistics.median(samples[n]), statistics.median(cpu_samples[n])
+        r[f"full: {n}"] = {"s": med, "over_two_forwards": med / two, "cpu_s": cpu, "over_two_forwards_cpu": cpu / two_cpu,
+                           "extra_peak_mb": peaks[n]}
+        print(f"full: {n:44s} {med:8.3f} s  x{med / two:.3f} of two forwards; cpu {cpu:8.3f} s x{cpu / two_cpu:.3f}"
+              f"  +{peaks[n]:.1f} MiB", flush=True)
     out["results"] = r
     out["steady_rss_mb"] = rss_mb()
     out["g_samples"] = grads  # the measured slopes: lr*|g| is the size of a real update, for the drift comparison

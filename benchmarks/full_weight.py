@@ -25,6 +25,9 @@ rounds of (forward, forward, step), interleaved so machine noise hits both alike
   the peak (VmHWM) is restarted once the model and data are loaded (``/proc/self/clear_refs``,
   after ``malloc_trim``), so it is the peak of the run (optimizer setup, forwards, steps), not of
   loading; ``load_peak_mb`` keeps the loading peak;
+* ``step_over_two_forwards_cpu``: the same ratio in process CPU time (``time.process_time``),
+  which a machine shared with other jobs disturbs much less than wall time (with
+  ``--threads 1`` CPU time is the step's own compute);
 * ``forwards_per_step``: what the step spends (agzo: 3, its unperturbed forward included),
   ``step_over_its_forwards`` = step time / (forwards_per_step x forward time);
 * ``changed_fraction``: share of sampled trainable elements (<= 1024 per tensor, a few
@@ -159,7 +162,7 @@ def child(args) -> dict:
     scorer = Scorer(model, tok)
     loss = lambda: scorer.loss(batch)
     before = sample(trainable)
-    fwd, steps = [], []
+    fwd, steps, fwd_cpu, steps_cpu = [], [], [], []
     try:
         loss()
         if step:
@@ -168,23 +171,28 @@ def child(args) -> dict:
                 row["forwards_per_step"] = opt.last.forward_passes
         for _ in range(args.steps):
             for _ in range(2):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 loss()
                 fwd.append(time.perf_counter() - t)
+                fwd_cpu.append(time.process_time() - c)
             if step:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 step(loss)
                 steps.append(time.perf_counter() - t)
+                steps_cpu.append(time.process_time() - c)
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         traceback.print_exc(limit=3)
     row["peak_mb"] = peak_rss_mb()
     if fwd:
         row["forward_s"] = statistics.median(fwd)
+        row["forward_cpu_s"] = statistics.median(fwd_cpu)
     if steps and "error" not in row:
         row["step_s"] = statistics.median(steps)
         row["step_over_two_forwards"] = row["step_s"] / (2 * row["forward_s"])
         row["step_over_its_forwards"] = row["step_s"] / (row["forwards_per_step"] * row["forward_s"])
+        row["step_cpu_s"] = statistics.median(steps_cpu)
+        row["step_over_two_forwards_cpu"] = row["step_cpu_s"] / (2 * row["forward_cpu_s"])
         after = sample(trainable)
         changed = sum(int((a != b).sum()) for a, b in zip(after, before))
         row["changed_fraction"] = changed / max(1, sum(b.numel() for b in before))
@@ -222,11 +230,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "process's, same dtype. fwd/step: forward passes one step spends; step / its fwds = step time / "
              "(that many forwards). changed: share of sampled trainable elements changed by the warm-up and "
              f"timed steps (lr {meta['lr']}, eps {meta['eps']}).", "",
-             "| mode | dtype | step / 2 fwd | peak / inference | step s | forward s | peak MiB | fwd/step | "
-             "step / its fwds | changed | trainable | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "step / 2 fwd (cpu) is the same ratio in process CPU time, less disturbed by other jobs on a shared "
+             "machine.", "",
+             "| mode | dtype | step / 2 fwd | step / 2 fwd (cpu) | peak / inference | step s | forward s | peak MiB | "
+             "fwd/step | step / its fwds | changed | trainable | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['dtype']} | {f(r.get('step_over_two_forwards'))} | "
+                     f"{f(r.get('step_over_two_forwards_cpu'))} | "
                      f"{f(r.get('peak_over_inference'))} | {f(r.get('step_s'), 2)} | {f(r.get('forward_s'), 2)} | "
                      f"{f(r.get('peak_mb'), 0)} | {f(r.get('forwards_per_step'))} | "
                      f"{f(r.get('step_over_its_forwards'))} | {f(r.get('changed_fraction'), 4)} | "
@@ -267,7 +278,8 @@ def main() -> None:
             elif inference and row.get("peak_mb") and "error" not in row:
                 row["peak_over_inference"] = row["peak_mb"] / inference
             rows.append(row)
-            print(json.dumps({k: row.get(k) for k in ("mode", "dtype", "step_over_two_forwards", "peak_over_inference",
+            print(json.dumps({k: row.get(k) for k in ("mode", "dtype", "step_over_two_forwards",
+                                                      "step_over_two_forwards_cpu", "peak_over_inference",
                                                       "step_s", "forward_s", "peak_mb", "changed_fraction", "error")}),
                   flush=True)
     meta = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "torch": torch.__version__,
