@@ -123,7 +123,9 @@ def _random_u16(gen: torch.Generator, seed: int, start: int, n: int, device) -> 
     for b in range(blocks):
         gen.manual_seed(block_seed(seed, first + b))
         bits[b * BLOCK // 4:(b + 1) * BLOCK // 4].random_(-(1 << 63), None, generator=gen)  # all 64 bits
-    return bits.view(torch.uint16)[:n].to(torch.int32)
+    if bits.device.type == "cpu":
+        return bits.view(torch.uint16)[:n].to(torch.int32)
+    return bits.view(torch.int16)[:n].to(torch.int32).bitwise_and_(0xFFFF)  # same values; uint16 ops are CPU-first
 
 
 def _random_uniform(gen: torch.Generator, seed: int, start: int, n: int, device) -> torch.Tensor:
