@@ -306,28 +306,36 @@ def write_outputs(rows: list[dict], out: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = list(dict.fromkeys((r["point"], r["dtype"]) for r in rows)) or [("init", "float32")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (point, dtype) in zip(axes[0], panels):
-        sel = [r for r in rows if r["point"] == point and r["dtype"] == dtype]
-        for key in dict.fromkeys(label(r) for r in sel):
-            line = sorted((r for r in sel if label(r) == key), key=lambda r: r["n"])
-            xs = [r["n"] for r in line]
-            (drawn,) = ax.plot(xs, [r["cos"] for r in line], "o-", label=key)
-            if any(r["d_queried"] != r["d_trainable"] for r in line):
-                ax.plot(xs, [r["cos_full"] for r in line], "o--", color=drawn.get_color(),
-                        label=f"{key} (all trainable)")
-        ax.set_xscale("log", base=2)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlabel("directions averaged, n")
-        ax.set_ylabel("cos(ĝ_n, backprop ∇)")
-        ax.set_title(f"{point} point, {dtype} evaluation")
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize=7)
-    fig.suptitle((title + "\n" if title else "") + "solid: on the queried coordinates; dashed: on every trainable "
-                 "tensor (AR1-ZO: one atom is queried)", fontsize=8)
-    fig.tight_layout()
+    points = list(dict.fromkeys(r["point"] for r in rows)) or ["init"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows)) or ["float32"]
+    keys = list(dict.fromkeys(label(r) for r in rows))
+    colors = {k: plt.get_cmap("tab10" if len(keys) <= 10 else "tab20")(i % 20) for i, k in enumerate(keys)}
+    fig, axes = plt.subplots(len(points), len(dtypes), figsize=(5.5 * len(dtypes) + 2.5, 4 * len(points)),
+                             squeeze=False, sharey=True)
+    for i, point in enumerate(points):
+        for j, dtype in enumerate(dtypes):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["point"] == point and r["dtype"] == dtype]
+            for key in keys:
+                line = sorted((r for r in sel if label(r) == key), key=lambda r: r["n"])
+                if not line:
+                    continue
+                xs = [r["n"] for r in line]
+                ax.plot(xs, [r["cos"] for r in line], "o-", color=colors[key], label=key)
+                if any(r["d_queried"] != r["d_trainable"] for r in line):
+                    ax.plot(xs, [r["cos_full"] for r in line], "o--", color=colors[key], alpha=0.7)
+            ax.set_xscale("log", base=2)
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_xlabel("directions averaged, n")
+            ax.set_ylabel("cos(ĝ_n, backprop ∇)")
+            ax.set_title(f"{point} point, {dtype} evaluation", fontsize=9)
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[k], marker="o", label=k) for k in keys]
+    handles.append(plt.Line2D([], [], color="black", ls="--", label="dashed: on every trainable tensor"))
+    fig.legend(handles=handles, loc="center right", fontsize=7)
+    fig.suptitle((title + "\n" if title else "") + "solid: on the queried coordinates (AR1-ZO: one atom per layer); "
+                 "dashed: on every trainable tensor", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / (5.5 * len(dtypes) + 2.5), 1))
     fig.savefig(out / "grad_cosine.png", dpi=110)
     plt.close(fig)
 
