@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                + "\n\nexamples:\n  zotune bench --preset quick\n"
                  "  zotune bench --preset sst2-smollm2 --methods mezo-lora,ar1zo --seeds 0 --dry-run\n"
                  "  zotune bench --preset rank-sweep --out benchmarks/results/rank_sweep_bench\n"
-                 "  zotune bench --preset regime --dry-run          # the plan and its cost in forward passes and hours\n"
+                 "  zotune bench --preset regime --dry-run          # the plan, its cost in forward passes and hours\n"
                  "  zotune bench --preset regime --threads 1 --out runs/regime   # re-run the same line to resume",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick", help="grid to run (default: quick)")

@@ -59,6 +59,7 @@ from . import bench
 from .config import TrainConfig
 from .diagnostics.grad_cosine import QUERY_CONFIGS
 from .errors import ZOError, require
+from .tune import PROBE_DEV
 
 # ------------------------------------------------------------------------------------------ the protocol
 
@@ -163,6 +164,7 @@ class Study:
     methods: tuple[str, ...] | None = None  # keep only these variant names (ar1zo, zoact-int8, ...)
     budget: int | None = None  # one budget for every task instead of BUDGETS
     probe_fraction: float = PROBE_FRACTION
+    probe_dev: int = PROBE_DEV  # the dev split carved out of the training split for the lr probes
     evals: int = EVALS
     max_extend: int = MAX_EXTEND
     settings: dict = field(default_factory=lambda: dict(SETTINGS))
@@ -278,6 +280,10 @@ def plan_entries(study: Study, device: str = "cpu") -> tuple[list[Entry], list[s
 
     notes = []
     entries: dict[str, Entry] = {}
+    known = {v.name for c in CLAIMS for v in claim_variants(c)}
+    unknown = sorted(set(study.methods or ()) - known)
+    require(not unknown, f"unknown regime method {unknown[0] if unknown else ''!r}; choose from: "
+                         f"{', '.join(sorted(known))}")
     for claim in study.claims:
         require(claim in CLAIMS, f"unknown claim {claim!r}; choose from: {', '.join(CLAIMS)}")
         for arm in study.arms:
@@ -373,7 +379,7 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
         per = bench.forwards_per_step(c.base)
         train = len(s.seeds) * c.base.steps * per
         probes = len(c.entry.grid) * (c.probe_forwards // per) * per
-        evals = len(s.seeds) * ((s.evals + 2) * min(dev, 500) + test) / bs + len(c.entry.grid) * 2 * 200 / bs
+        evals = len(s.seeds) * ((s.evals + 2) * dev + test) / bs + len(c.entry.grid) * 2 * s.probe_dev / bs
         parts["train"] += train
         parts["probes"] += probes
         parts["evaluation"] += evals
@@ -399,7 +405,8 @@ def describe(p: Plan) -> str:
     s = p.study
     lines = [f"regime study: claims {', '.join(s.claims)}; arms {', '.join(s.arms)}; tasks {', '.join(s.tasks)}; "
              f"seeds {','.join(map(str, s.seeds))}; model {s.settings.get('model')}, batch "
-             f"{s.settings.get('batch_size')}, train {s.settings.get('train_size')}, test {s.settings.get('test_size')}",
+             f"{s.settings.get('batch_size')}, train {s.settings.get('train_size')}, "
+             f"test {s.settings.get('test_size')}",
              f"{'entry':34s} {'claims':10s} {'task':16s} {'budget':>6s} {'steps':>5s} {'probe':>5s}  lr grid"]
     for c in p.cells:
         lines.append(f"{c.entry.label:34s} {','.join(c.entry.claims):10s} {c.task:16s} {c.budget:6d} "
@@ -418,14 +425,14 @@ def describe(p: Plan) -> str:
 
 # ------------------------------------------------------------------------------------------- running it
 
-def pick_lr(cell: Cell, max_extend: int, say) -> tuple[dict | None, list[float], Path]:
+def pick_lr(cell: Cell, max_extend: int, say, probe_dev: int = PROBE_DEV) -> tuple[dict | None, list[float], Path]:
     """zotune tune over the cell's grid; a pick at an edge extends the grid that way (x3), at most ``max_extend``."""
     from .tune import tune
 
     grid = list(cell.entry.grid)
     for attempt in range(max_extend + 1):
         result = tune(TrainConfig.from_dict(cell.base.to_dict(), source="regime probe"), grid=grid,
-                      probe_forwards=cell.probe_forwards, out=cell.tune_out, say=say)
+                      probe_forwards=cell.probe_forwards, probe_dev=probe_dev, out=cell.tune_out, say=say)
         chosen = result.pick
         if chosen is None or attempt == max_extend or len(grid) < 2:
             break
@@ -473,6 +480,7 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
                   "claims": list(e.claims), "arm": e.arm, "rank": e.variant.rank or 0,
                   "dtype": summary.get("dtype", e.dtype), "roles": list(e.roles), "quantize": e.variant.quantize,
                   "lr": lr, "lr_grid": grid, "lr_pick_dev": chosen["dev_after"] if chosen else float("nan"),
+                  "lr_at_edge": bool(chosen) and len(grid) > 1 and lr in (min(grid), max(grid)),
                   "probe_forwards": cell.probe_forwards, "tune": str(tune_json or ""), "budget": cell.budget,
                   **g_summary(run.run_dir)})
         if error == "not run yet":
@@ -485,7 +493,7 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
 def run_cell(cell: Cell, study: Study, retry_failed: bool, say) -> list[dict]:
     from .tune import run_or_reuse
 
-    chosen, grid, tune_json = pick_lr(cell, study.max_extend, say)
+    chosen, grid, tune_json = pick_lr(cell, study.max_extend, say, study.probe_dev)
     errors = {}
     if chosen is None:
         say(f"{cell.entry.label} {cell.task}: every lr probe failed; no runs")
@@ -499,7 +507,8 @@ def run_cell(cell: Cell, study: Study, retry_failed: bool, say) -> list[dict]:
             shutil.rmtree(path)
         what, error = run_or_reuse(cfg)
         errors[seed] = error
-        say(f"{cell.entry.label} {cell.task} seed {seed} (lr {chosen['lr']:g}): {what}" + (f": {error}" if error else ""))
+        say(f"{cell.entry.label} {cell.task} seed {seed} (lr {chosen['lr']:g}): {what}"
+            + (f": {error}" if error else ""))
     return cell_rows(cell, study.seeds, chosen, grid, tune_json, errors)
 
 
@@ -559,8 +568,11 @@ def run_study(study: Study, out: Path, retry_failed: bool = False, say=print) ->
         if study.diagnostics and t_index % n == k:
             try:
                 diag[bench.task_label(task)] = diagnostics(p, task, say)
-            except ZOError as exc:
-                say(f"diagnostics on {task} failed: {exc}")
+            except Exception as exc:  # a side measurement: it must not cost the training runs
+                import traceback
+
+                traceback.print_exc()
+                say(f"diagnostics on {task} failed ({type(exc).__name__}: {exc}); the runs go on")
     for i, cell in enumerate(p.cells):
         if i % n != k:
             continue
@@ -717,8 +729,14 @@ def _find(entries: list[Entry], name: str, rank: int | None, role: str, arm: str
                  and e.arm == arm), None)
 
 
-def tests_by_seed(rows: list[dict], entry: str, task: str) -> dict[int, float]:
+def scores_by_seed(rows: list[dict], entry: str, task: str) -> dict[int, float]:
     return {r["seed"]: r["test"] for r in rows if r["entry"] == entry and r["task"] == task and r["status"] == "ok"}
+
+
+def gaps(rows: list[dict], a: Entry, b: Entry, task: str) -> dict[int, float]:
+    """Test accuracy of ``a`` minus ``b`` per seed where both finished."""
+    sa, sb = scores_by_seed(rows, a.label, task), scores_by_seed(rows, b.label, task)
+    return {seed: v - sb[seed] for seed, v in sa.items() if seed in sb}
 
 
 def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
@@ -763,7 +781,8 @@ def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
             for a, b, what, kind, primary, group in specs:
                 for task in tasks:
                     c = Comparison(claim_name, arm, task, a.label, b.label, what, kind, primary, group)
-                    c.interval = paired_interval(tests_by_seed(rows, a.label, task), tests_by_seed(rows, b.label, task))
+                    c.interval = paired_interval(scores_by_seed(rows, a.label, task),
+                                                 scores_by_seed(rows, b.label, task))
                     c.verdict = verdict(c.interval, kind) if kind != "contrast" else ""
                     out.append(c)
             if claim_name == "ar1":  # the bf16 gap minus the fp32 gap at the contrast rank, paired by seed
@@ -774,13 +793,10 @@ def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
                     if not (ab and bb and af and bf) or ab is af:
                         continue
                     for task in tasks:
-                        gap = lambda x, y: {s: v - tests_by_seed(rows, y.label, task)[s]  # noqa: E731
-                                            for s, v in tests_by_seed(rows, x.label, task).items()
-                                            if s in tests_by_seed(rows, y.label, task)}
                         c = Comparison(claim_name, arm, task, ab.label, af.label,
                                        f"(ar1zo − {base}) in bf16 − the same in fp32, r={r}", "contrast", False,
                                        f"bf16 gap vs fp32 gap ({base})")
-                        c.interval = paired_interval(gap(ab, bb), gap(af, bf))
+                        c.interval = paired_interval(gaps(rows, ab, bb, task), gaps(rows, af, bf, task))
                         out.append(c)
     return out
 
@@ -820,7 +836,8 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison]) -> str:
     lines = [f"# Regime study: tables", "", header(p), "",
              "Test = accuracy on the held-out test split of the best-dev checkpoint; mean ± std over seeds (runs "
              "that failed left out). Differences are paired by seed; the interval is the 95% t-interval of the "
-             "mean paired difference. lr grid: the values zotune tune probed (→ the pick).", ""]
+             "mean paired difference. lr grid: the values zotune tune probed (→ the pick; '(edge)': still at the "
+             "grid's edge after extending it, so a better lr may lie beyond).", ""]
     lines += [f"- {n}" for n in p.notes]
     for claim_name in p.study.claims:
         claim = CLAIMS[claim_name]
@@ -836,8 +853,8 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison]) -> str:
             for (task, _), rs in groups.items():
                 r0 = rs[0]
                 ok = [r for r in rs if r["status"] == "ok"]
-                grid = f"{min(r0['lr_grid']):g}..{max(r0['lr_grid']):g} ({len(r0['lr_grid'])}) → " + \
-                       (f"**{r0['lr']:g}**" if r0["lr"] == r0["lr"] else "none")
+                pick = f"**{r0['lr']:g}**" + (" (edge)" if r0["lr_at_edge"] else "") if r0["lr"] == r0["lr"] else "none"
+                grid = f"{min(r0['lr_grid']):g}..{max(r0['lr_grid']):g} ({len(r0['lr_grid'])}) → {pick}"
                 lines.append(f"| {task} | {r0['method']} | {r0['rank'] or '-'} | {r0['dtype']} | {grid} | "
                              f"{len(ok)}/{len(rs)} | {_ms([r['dev_final'] for r in ok])} | "
                              f"{_ms([r['test'] for r in ok])} |")
