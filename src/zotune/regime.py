@@ -401,6 +401,10 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
             "runs": len(p.cells) * len(s.seeds), "probes": sum(len(c.entry.grid) for c in p.cells)}
 
 
+def hours(h: float) -> str:
+    return f"{h:.0f} hours" if round(h) != 1 else "1 hour"
+
+
 def describe(p: Plan) -> str:
     s = p.study
     lines = [f"regime study: claims {', '.join(s.claims)}; arms {', '.join(s.arms)}; tasks {', '.join(s.tasks)}; "
@@ -417,7 +421,7 @@ def describe(p: Plan) -> str:
               f"(+ up to {s.max_extend} per cell where a pick is at the grid's edge)",
               f"cost: {k['total_forward_passes']:,} forward passes of 16 examples (training {f['train']:,}, probes "
               f"{f['probes']:,}, evaluation {f['evaluation']:,}, diagnostics {f['diagnostics']:,}); about "
-              f"{k['hours']:.0f} hours on one thread at {k['seconds_per_forward_bf16']} s per bf16 forward "
+              f"{hours(k['hours'])} on one thread at {k['seconds_per_forward_bf16']} s per bf16 forward "
               f"(fp32 x{k['fp32_factor']})"]
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
@@ -907,7 +911,7 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
     f = cost_info["forward_passes"]
     lines += ["", f"Planned cost: {cost_info['total_forward_passes']:,} forward passes of 16 examples (training "
               f"{f['train']:,}, probes {f['probes']:,}, evaluation {f['evaluation']:,}, diagnostics "
-              f"{f['diagnostics']:,}), about {cost_info['hours']:.0f} hours at {cost_info['seconds_per_forward_bf16']}"
+              f"{f['diagnostics']:,}), about {hours(cost_info['hours'])} at {cost_info['seconds_per_forward_bf16']}"
               f" s per bf16 forward on one thread."]
     return "\n".join(lines) + "\n"
 
