@@ -28,13 +28,12 @@ def settings(tiny_llama, data_settings) -> dict:
 
 
 def test_gaussian_reference_is_the_chi_square_expectation():
-    rng = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     for n, d in ((1, 448), (4, 448), (16, 100), (64, 448)):
         x = torch.distributions.Chi2(torch.tensor(float(n))).sample((200_000,))
         assert gauss_ref(n, d) == pytest.approx(float((x / (x + d - 1)).sqrt().mean()), rel=0.01)
     assert gauss_ref(1, 448) == pytest.approx(math.sqrt(2 / (math.pi * 448)), rel=0.01)  # E|N(0,1)| / sqrt(d)
     assert gauss_ref(4096, 448) == pytest.approx(math.sqrt(4096 / (4096 + 448)), rel=0.01)
-    del rng
 
 
 def test_gaussian_directions_reach_the_known_cosine_and_it_grows_with_n(tiny_llama, data_settings):

@@ -250,7 +250,7 @@ def cmd_snr(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .diagnostics.grad_cosine import QUERY_CONFIGS, CosineConfig, measure, text_table, write_outputs
+    from .diagnostics.grad_cosine import CosineConfig, measure, text_table, write_outputs
 
     words = lambda text: tuple(w for w in (x.strip() for x in text.split(",")) if w)  # noqa: E731
     try:
