@@ -1,4 +1,4 @@
-"""The ``zotune`` command line: train | tune | report | eval | bench | snr | replay | models | tasks | methods.
+"""The ``zotune`` command line: train | tune | report | eval | bench | snr | diagnose | replay | models | tasks | methods.
 
 Flags of ``zotune train`` are generated from :class:`~zotune.config.TrainConfig`,
 so every setting is a flag (``--lora-r 16``), a YAML key (``lora_r: 16``) and a
@@ -249,6 +249,26 @@ def cmd_snr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics.grad_cosine import CosineConfig, measure, text_table, write_outputs
+
+    words = lambda text: tuple(w for w in (x.strip() for x in text.split(",")) if w)  # noqa: E731
+    try:
+        ranks, ns = tuple(int(x) for x in words(args.ranks)), tuple(int(x) for x in words(args.ns))
+    except ValueError:
+        raise ZOError("--ranks and --ns expect comma-separated integers") from None
+    settings = {"model": args.model, "task": args.task, "data_dir": args.data_dir, "max_length": args.max_length,
+                "micro_batch_size": args.micro_batch_size, "device": args.device}
+    cfg = CosineConfig(settings=settings, configs=words(args.configs), ranks=ranks, ns=ns,
+                       points=words(args.points), dtypes=words(args.dtypes), eps=args.eps,
+                       batch_size=args.batch_size, warm_norm=args.warm_norm, seed=args.seed).validate()
+    rows = measure(cfg)
+    write_outputs(rows, Path(args.out), f"gradient cosine, {args.model} on {args.task}")
+    print(text_table(rows))
+    print(f"written to {args.out}/grad_cosine.{{json,csv,png}}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay_run
 
@@ -264,10 +284,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import PRESETS, describe, plan, run_bench, select
+    from .bench import PRESETS, STUDIES, describe, plan, run_bench, select
 
+    if args.preset in STUDIES:  # a study (lr picked per entry, claims, verdicts) runs through its own module
+        import importlib
+
+        return importlib.import_module(STUDIES[args.preset][0]).main(args)
     if args.preset not in PRESETS:
-        raise ZOError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise ZOError(f"unknown preset {args.preset!r}; choose one of: {', '.join([*PRESETS, *STUDIES])}")
+    study_flags = [f for f in ("arms", "claims", "ranks", "shard") if getattr(args, f) is not None]
+    if study_flags or args.skip_diagnostics:
+        raise ZOError(f"--{(study_flags or ['skip-diagnostics'])[0].replace('_', '-')} applies to the study presets "
+                      f"({', '.join(STUDIES)}), not to {args.preset!r}")
     words = lambda text: [w for w in (x.strip() for x in text.split(",")) if w] if text else None  # noqa: E731
     try:
         seeds = [int(s) for s in words(args.seeds)] if args.seeds else None
@@ -393,6 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results/fd_snr", help="output folder (default: benchmarks/results/fd_snr)")
     p.set_defaults(func=cmd_snr)
 
+    p = sub.add_parser(
+        "diagnose", help="cosine between each method's ZO estimate over n directions and the backprop gradient, "
+                         "against n and LoRA rank (JSON, CSV, PNG), with the bf16 noise floor",
+        description=__import__("zotune.diagnostics.grad_cosine", fromlist=["x"]).__doc__,
+        epilog="examples:\n  zotune diagnose --task sst2 --data-dir ../shared/data\n"
+               "  zotune diagnose --configs mezo-lora,ar1zo,zoact,lozo --ranks 8,64 --points init,warm --out runs/cos",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")
+    p.add_argument("--task", default="sst2", help="task whose first training batch is used (default: sst2)")
+    p.add_argument("--data-dir", default="", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
+    p.add_argument("--configs", default="mezo-lora,atom-canonical,ar1zo",
+                   help="query configurations: " + ", ".join(__import__("zotune.diagnostics.grad_cosine",
+                                                                     fromlist=["x"]).QUERY_CONFIGS)
+                        + " (default: mezo-lora,atom-canonical,ar1zo)")
+    p.add_argument("--ranks", default="8,64", help="LoRA ranks, for the configurations that have one (default: 8,64)")
+    p.add_argument("--ns", default="1,4,16,64", help="directions averaged; max(ns) are drawn (default: 1,4,16,64)")
+    p.add_argument("--points", default="init", help="init and/or warm (default: init)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="evaluation dtypes; bfloat16 rows carry the noise "
+                                                              "floor against float32 (default: both)")
+    p.add_argument("--eps", type=float, default=None, help="perturbation size (default: each configuration's own)")
+    p.add_argument("--batch-size", type=int, default=16, help="the batch (default: 16)")
+    p.add_argument("--max-length", type=int, default=256, help="max prompt tokens (default: 256)")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="split the batch into chunks (default: 0)")
+    p.add_argument("--warm-norm", type=float, default=0.02, help="warm point: |s B A| / |W| per layer (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter init, batch and directions (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
+    p.add_argument("--out", default="runs/grad_cosine", help="output folder (default: runs/grad_cosine)")
+    p.set_defaults(func=cmd_diagnose)
+
     p = sub.add_parser("replay", help="rebuild a run's adapter from its config and trajectory (bit-exact check)",
                        description="A run is its trajectory: the initial state plus (step, seed, g, lr) per step "
                                    "determine the trained tensors. Replays them and compares with the saved adapter.")
@@ -405,9 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__import__("zotune.bench", fromlist=["x"]).__doc__,
         epilog="presets:\n" + "\n".join(f"  {n:14s} {p.description}" for n, p in
                                        __import__("zotune.bench", fromlist=["x"]).PRESETS.items())
+               + "\n\nstudies (an lr picked per entry on a carved dev split, claims tested; see docs/benchmarks.md):\n"
+               + "\n".join(f"  {n:14s} {d}" for n, (_, d) in
+                           __import__("zotune.bench", fromlist=["x"]).STUDIES.items())
                + "\n\nexamples:\n  zotune bench --preset quick\n"
                  "  zotune bench --preset sst2-smollm2 --methods mezo-lora,ar1zo --seeds 0 --dry-run\n"
-                 "  zotune bench --preset rank-sweep --out benchmarks/results/rank_sweep_bench",
+                 "  zotune bench --preset rank-sweep --out benchmarks/results/rank_sweep_bench\n"
+                 "  zotune bench --preset regime --dry-run          # the plan, its cost in forward passes and hours\n"
+                 "  zotune bench --preset regime --threads 1 --out runs/regime   # re-run the same line to resume",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick", help="grid to run (default: quick)")
     p.add_argument("--methods", help="comma-separated entry labels of the preset, or method names to add "
@@ -426,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/bench-PRESET); re-running resumes it")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     p.add_argument("--dry-run", action="store_true", help="print the grid (steps, forwards, lr per run) and stop")
+    study = p.add_argument_group("study presets (regime)")
+    study.add_argument("--claims", help="comma-separated claims to test (regime: ar1,zoact; default: all)")
+    study.add_argument("--arms", help="comma-separated optimizer arms (regime: sgd,adam; default: both)")
+    study.add_argument("--ranks", help="comma-separated LoRA ranks of the rank comparison (regime default: 8,64; "
+                                       "the largest is also run in fp32)")
+    study.add_argument("--shard", metavar="K/N", help="this process runs every N-th (entry, task) from the K-th, "
+                                                      "so N processes share one --out (e.g. 0/2 and 1/2 on 2 cores)")
+    study.add_argument("--skip-diagnostics", action="store_true", help="no gradient-cosine diagnostics")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list the named offline models, or prepare (convert) them")
