@@ -51,6 +51,10 @@ class TrainConfig:
                                     "forward ((L+ - L0)/eps with L0 measured once per step: 1+q forward passes, "
                                     "bias O(eps) instead of O(eps^2)); agzo adds its unperturbed forward to either")
     optimizer: str = _f("sgd", "how estimates become updates: sgd | momentum | adam")
+    batched_queries: str = _f("auto", "evaluate all perturbations of a step in one forward over copies of the batch, "
+                                      "each copy with its own adapter (LoRA methods: mezo-lora, ar1zo, zoact, "
+                                      "subzero-lora): auto (on CPU where it measured faster: steps of 2+ forwards; "
+                                      "sequential on GPU, not measured) | on | off (the sequential loop)")
     weight_decay: float = _f(0.0, "weight decay (never on biases and norms)")
     momentum: float = _f(0.9, "momentum coefficient (optimizer=momentum)")
     betas: list = _f([0.9, 0.999], "Adam betas (optimizer=adam)")

@@ -297,6 +297,32 @@ class Scorer:
         return F.cross_entropy(self.scores(examples), labels)
 
     @torch.no_grad()
+    def copy_losses(self, examples: Sequence[Example], copies: int) -> torch.Tensor:
+        """``[copies]``: :meth:`loss_tensor` of each copy of ``examples`` run ``copies`` times in one forward.
+
+        Each forward (each micro-batch, when ``micro_batch_size`` splits the batch) runs
+        its examples repeated ``copies`` times, copy-major, so rows ``[j·n, (j+1)·n)`` are
+        copy j: what :mod:`zotune.batched` gives each copy its own adapter for. Without
+        such a hook every copy sees the same model and all entries equal ``loss(examples)``.
+        """
+        if examples and examples[0].answers:  # generation: mean answer NLL per copy
+            from .generation import answer_nll
+            return answer_nll(self.model, self.tok, list(examples) * copies, self.max_length).view(copies, -1).mean(1)
+        labels = torch.tensor([e.label for e in examples], device=self._device())
+        m = self.micro_batch_size
+        chunks = [list(range(len(examples)))] if not m or len(examples) <= m else \
+            length_sorted_chunks([self.length(e) for e in examples], m)
+        parts = []
+        for idx in chunks:
+            part = self._scores_batch([examples[i] for i in idx] * copies)
+            parts.append((idx, part.view(copies, len(idx), part.shape[1])))
+        width = max(p.shape[2] for _, p in parts)
+        out = torch.full((copies, len(examples), width), float("-inf"), device=parts[0][1].device)
+        for idx, p in parts:  # as scores(): each chunk's rows back in example order, -inf padded
+            out[:, torch.tensor(idx, device=out.device), : p.shape[2]] = p
+        return torch.stack([F.cross_entropy(scores, labels) for scores in out])
+
+    @torch.no_grad()
     def accuracy(self, examples: Sequence[Example], batch_size: int = 32, progress: bool = False,
                  desc: str = "eval", sort: bool = True) -> float:
         """Fraction of examples whose best-scored candidate is the gold one.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
+from .batched import step_batched, use_batched
 from .config import TrainConfig
 from .errors import ZOError, require
 from .hardware import peak_memory_mb
@@ -99,6 +100,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     previous = RunDir.open(resume, writable=main) if resume else None
     run = setup(cfg, data, calibration=previous.calibration() if previous else None, cluster=cluster)
     model, method, engine, scorer = run.model, run.method, run.engine, run.scorer
+    batched = use_batched(cfg.batched_queries, engine, run.device)  # every perturbation of a step in one forward
     held = " (dev held out from the training data: no --dev-file)" if "held out" in data.sources.get("dev", "") else ""
     say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev{held} / {len(data.test)} test; "
         f"base weights in {run.precision.name} ({run.precision.reason})")
@@ -171,7 +173,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
             indices = batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)
             batch = [data.train[i] for i in cluster.shard(indices)]  # data-parallel: this rank's slice
             try:
-                result = engine.step(lambda: scorer.loss_tensor(batch), cfg.lr)  # a graph only for fo-lora
+                result = step_batched(engine, model, lambda c: scorer.copy_losses(batch, c), cfg.lr) if batched \
+                    else engine.step(lambda: scorer.loss_tensor(batch), cfg.lr)  # a graph only for fo-lora
             except FloatingPointError as exc:
                 raise ZOError(f"{exc} on batch indices {indices}; weights restored, the {step} steps "
                               f"before it logged: resume or inspect {rundir.path}") from None

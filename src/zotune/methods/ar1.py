@@ -59,6 +59,7 @@ def lora_alpha_for(scaling: str, alpha: float, r: int) -> tuple[float, bool]:
 class AR1ZO(Method):
     name = "ar1zo"
     bf16_base = True
+    batchable = True  # its views are LoRA factors: zotune.batched
     options_cls = AR1Options
     suggested_lr = 1.5e-2  # probed on SST-2 / SmolLM2-135M (r=8, SGD)
     suggested_lr_tuned = True

@@ -98,6 +98,10 @@ class Method:
     #: bfloat16 base, so the base may be bf16 (``--dtype``). Methods that train base weights or
     #: norms leave it False: an update of lr·g·z ~ 1e-6 vanishes in bf16's 8-bit mantissa.
     bf16_base: ClassVar[bool] = False
+    #: True when every perturbation of a step can be evaluated in one forward over copies of the batch
+    #: (:mod:`zotune.batched`, ``batched_queries``): each view is (part of) a peft LoRA factor, so the
+    #: copies differ only in their adapter factors. Never with ``unperturbed_forward``.
+    batchable: ClassVar[bool] = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

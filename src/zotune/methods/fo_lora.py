@@ -49,6 +49,7 @@ class FOLoRA(MeZOLoRA):
     not_replayable = ("a backprop update depends on full gradients, not on logged scalars; start the run again "
                       "(ZOOptimizer.state_dict() resumes exactly)")
     distributable = False
+    batchable = False  # a first-order step, no perturbations
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = super().prepare(model)  # peft LoRA, frozen base; lora_params turned grads off

@@ -16,6 +16,7 @@ from .base import Method, register
 class MeZOLoRA(Method):
     name = "mezo-lora"
     bf16_base = True
+    batchable = True  # its views are LoRA factors: zotune.batched
     suggested_lr = 3e-3  # probed on SST-2 / SmolLM2-135M (r=8, alpha=16, SGD)
     suggested_lr_tuned = True
     default_alpha = 16.0  # MeZO's LoRA setting (r=8, alpha=16)

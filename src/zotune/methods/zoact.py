@@ -48,6 +48,7 @@ class ZOActOptions(Options):
 class ZOAct(Method):
     name = "zoact"
     bf16_base = True
+    batchable = True  # its views are LoRA factors: zotune.batched
     needs_calibration = True
     options_cls = ZOActOptions
     suggested_lr = 1e-3  # with --optimizer adam (a guess; the sst2 probe picked 5e-3 with adam)
