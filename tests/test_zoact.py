@@ -209,15 +209,6 @@ def test_int8_base_logits_are_close_to_fp32_and_training_lowers_the_loss(tiny_ll
     assert scorer.loss(data) < before - 0.02
 
 
-def test_int4_on_cpu_fails_with_the_reason():
-    pytest.importorskip("torchao")
-    from zotune.quantize import quantize_base
-
-    # The backend is probed first, so the reason is given even for layers torchao would skip by shape.
-    with pytest.raises(ZOError, match="int4 is not available here"):
-        quantize_base(nn.Sequential(nn.Linear(32, 16)), "int4")
-
-
 def test_an_int8_zoact_run_replays_bit_identically(tiny_llama, tmp_path, capsys):
     pytest.importorskip("torchao")
     run = tmp_path / "int8"

@@ -25,12 +25,14 @@ _LAZY = {"ZOOptimizer": "api", "ZOTrainer": "hf_trainer"}
 
 
 def _quiet_torchao_import() -> None:
-    """Drop the warnings torchao's import logs about optional GPU kernels (it is the ``quant`` extra,
-    and peft imports it whenever it is installed): four lines of noise in every run otherwise."""
+    """Drop the warnings torchao's and bitsandbytes' imports log about optional kernels (they are the
+    ``quant`` extra, and peft imports both whenever they are installed): five lines of noise in every
+    run otherwise. bitsandbytes' is about a fused CPU kernel it fetches from the Hugging Face hub,
+    which zotune does not use (``zotune.quantize``)."""
     import logging
 
     noise = ("Failed to load", "is an Enum subclass and is now natively supported")
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).addFilter(lambda record: not any(n in record.getMessage() for n in noise))
 
 

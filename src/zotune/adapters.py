@@ -71,7 +71,10 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | 
         use_rslora=use_rslora,
         fan_in_fan_out=getattr(getattr(model, "config", None), "model_type", "") == "gpt2",
     )
-    return get_peft_model(model, config)
+    from .models import adapters_on_execution_device
+
+    with adapters_on_execution_device(model):  # an offloaded base layer lives on "meta": keep factors real
+        return get_peft_model(model, config)
 
 
 def lora_params(peft_model: nn.Module) -> dict[str, nn.Parameter]:

@@ -138,7 +138,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         **settings: any other :class:`~zotune.config.TrainConfig` field, as in
             ``zotune train --help``: ``lora_r`` (alias ``rank``), ``lora_alpha``,
             ``target_modules``, ``ar1_scaling``, ``ar1_schedule``, ``zoact_rank``, ``quantize``
-            (``"int8"``: the frozen base stored quantized, needs torchao), ``weight_decay``,
+            (``"int8"`` / ``"int4"``: the frozen base stored quantized, needs torchao / bitsandbytes), ``weight_decay``,
             ``momentum``, ``betas``, ...
 
     Attributes:

@@ -101,6 +101,16 @@ def _rank_sweep() -> list[Entry]:
             for r in (1, 4, 16, 64)]
 
 
+#: Presets that are studies, not grids: each entry's lr is picked by zotune.tune's probes on a dev split carved
+#: from the training data, then the seeds' claims are tested (tables, verdicts). Name -> (module, description);
+#: the module's ``main(args, say)`` runs it from ``zotune bench --preset NAME``.
+STUDIES: dict[str, tuple[str, str]] = {
+    "regime": ("zotune.regime", "issue 16: AR1-ZO's and ZO-Act's claims on SmolLM2-135M, SST-2 + Rotten Tomatoes "
+                                "+ CR, 1,000 train, lr per entry picked on a carved dev split, 3 seeds, test on a "
+                                "held-out 500, ZO-SGD and Adam arms, paired 95% intervals, verdicts.md (many CPU "
+                                "hours: see docs/benchmarks.md, Regime study)"),
+}
+
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("quick", "CI-sized: a tiny random llama (or --model PATH) on a synthetic task, two methods whose "
                     "steps cost 2 and 4 forwards, 48 forwards each",
@@ -504,11 +514,12 @@ NEGATIVE = "bad awful dull boring poor clumsy tedious".split()
 FILLER = "the movie film plot actors story was is and a it".split()
 
 
-def synthetic_task(folder: Path, write: bool = True, n_train: int = 256, n_dev: int = 64) -> dict:
+def synthetic_task(folder: Path, write: bool = True, n_train: int = 256, n_dev: int = 64, n_test: int = 0) -> dict:
     """A learnable sentiment-like task as user files (the label is which word list the text draws from).
 
     Returns the TrainConfig settings that use it; the files are rewritten
-    identically each time, so a resumed bench sees the same data.
+    identically each time, so a resumed bench sees the same data. ``n_test``
+    adds a test file (drawn after train and dev, which stay as they were).
     """
     rng = random.Random(0)
 
@@ -522,12 +533,15 @@ def synthetic_task(folder: Path, write: bool = True, n_train: int = 256, n_dev: 
         return "\n".join(out) + "\n"
 
     train, dev = folder / "synthetic_train.jsonl", folder / "synthetic_dev.jsonl"
+    test = folder / "synthetic_test.jsonl"
     if write:
         folder.mkdir(parents=True, exist_ok=True)
         train.write_text(lines(n_train))
         dev.write_text(lines(n_dev))
+        if n_test:
+            test.write_text(lines(n_test))
     return {"train_file": str(train), "dev_file": str(dev), "template": "{text} It was",
-            "verbalizer": "0=terrible,1=great"}
+            "verbalizer": "0=terrible,1=great", **({"test_file": str(test)} if n_test else {})}
 
 
 def tiny_random_model(path: Path) -> Path:

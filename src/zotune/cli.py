@@ -1,4 +1,4 @@
-"""The ``zotune`` command line: train | eval | bench | snr | replay | models | tasks | methods.
+"""The ``zotune`` command line: train | tune | report | eval | bench | snr | diagnose | replay | models | tasks | methods.
 
 Flags of ``zotune train`` are generated from :class:`~zotune.config.TrainConfig`,
 so every setting is a flag (``--lora-r 16``), a YAML key (``lora_r: 16``) and a
@@ -21,13 +21,15 @@ from .options import coerce, default_of
 
 EXAMPLES = """\
 examples:
-  zotune train                                   # the default job: MeZO-LoRA on Rotten Tomatoes, SmolLM2-135M
+  zotune train                                   # the default job on Rotten Tomatoes, SmolLM2-135M
   zotune train --task sst2 --data-dir ../shared/data --steps 500 --eval-every 100
   zotune train --method mezo --lr 1e-6 --eps 1e-3   # full-parameter MeZO
   zotune train --config run.yaml --seed 1        # YAML file, overridden by flags
+  zotune train --method mezo-lora --lr auto      # probe 5 lrs first (zotune tune), then train at the best
   zotune eval --task sst2 --data-dir ../shared/data --adapter runs/X/adapter
   zotune train --train-file my.csv --dev-file my_dev.csv --text-field review --label-field stars \
                --verbalizer "1=terrible,5=great"          # your own data
+  zotune train --train-file reviews.jsonl --verbalizer "-1=terrible,1=great"   # labels -1/1
 """
 
 
@@ -92,10 +94,53 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                                             getattr(args, name), "command line")
         run = RunDir.open(args.resume, writable=os.environ.get("RANK", "0") == "0")  # rank 0 records a new length
         summary = train(run.config(steps=flag("steps"), progress=flag("progress")), resume=run.path)
+    elif isinstance(args.lr, str) and args.lr.strip().lower() == "auto":
+        args.lr = None
+        return run_tune(args, train_after=True, auto=True)  # zotune tune's defaults, then the full run at the pick
     else:
         summary = train(config_from_args(args))
     if summary is not None:  # under torchrun, rank 0 reports
         print(summary.text())
+    return 0
+
+
+def run_tune(args: argparse.Namespace, train_after: bool, auto: bool = False) -> int:
+    """``zotune tune``; ``auto``: ``zotune train --lr auto``, which has none of tune's own flags (their defaults
+    apply) and centres the grid on the method's suggested lr even where a --config file sets an lr."""
+    import yaml
+
+    from .tune import DEV_FRACTION, PROBE_DEV, PROBE_FORWARDS, parse_floats, tune
+
+    cfg = config_from_args(args)
+    in_file = not auto and bool(args.config) and "lr" in {str(k).replace("-", "_") for k in
+                                              (yaml.safe_load(Path(args.config).read_text()) or {})}
+    option = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
+    grid, eps_grid = option("grid", None), option("eps_grid", None)
+    result = tune(cfg, grid=parse_floats(grid, "--grid") if grid else None,
+                  eps_grid=parse_floats(eps_grid, "--eps-grid") if eps_grid else None,
+                  probe_forwards=option("probe_forwards", PROBE_FORWARDS), probe_dev=option("probe_dev", PROBE_DEV),
+                  dev_fraction=option("dev_fraction", DEV_FRACTION), out=option("out", None),
+                  train_after=train_after, center=cfg.lr if args.lr is not None or in_file else None,
+                  say=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(result.text)
+    print(f"written to {result.out / 'tune.json'}; each probe's run directory is under {result.out / 'probes'}")
+    if result.pick is None:
+        raise ZOError("every probe failed, so there is no pick; try a grid of smaller lrs (--grid)")
+    if result.summary is not None:
+        print(result.summary.text())
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    return run_tune(args, train_after=args.train)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    text, rows, image = report(args.runs, args.out)
+    print(text)
+    print(f"written to {image}")
     return 0
 
 
@@ -120,11 +165,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if kind != "causal":
         raise ZOError(f"model {args.model!r} is an encoder; prompt scoring needs a causal LM for now")
     if args.adapter:
-        from peft import PeftModel
+        from .models import load_adapter
 
         if not Path(args.adapter, "adapter_config.json").exists():
             raise ZOError(f"{args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
+        model = load_adapter(model, args.adapter).eval()  # peft's loader, kept off "meta" for an offloaded base
     with torch.no_grad():
         score = score_split(Scorer(model, tok, args.max_length), examples, args.batch_size, progress=True,
                             desc=args.split)
@@ -204,6 +249,26 @@ def cmd_snr(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics.grad_cosine import CosineConfig, measure, text_table, write_outputs
+
+    words = lambda text: tuple(w for w in (x.strip() for x in text.split(",")) if w)  # noqa: E731
+    try:
+        ranks, ns = tuple(int(x) for x in words(args.ranks)), tuple(int(x) for x in words(args.ns))
+    except ValueError:
+        raise ZOError("--ranks and --ns expect comma-separated integers") from None
+    settings = {"model": args.model, "task": args.task, "data_dir": args.data_dir, "max_length": args.max_length,
+                "micro_batch_size": args.micro_batch_size, "device": args.device}
+    cfg = CosineConfig(settings=settings, configs=words(args.configs), ranks=ranks, ns=ns,
+                       points=words(args.points), dtypes=words(args.dtypes), eps=args.eps,
+                       batch_size=args.batch_size, warm_norm=args.warm_norm, seed=args.seed).validate()
+    rows = measure(cfg)
+    write_outputs(rows, Path(args.out), f"gradient cosine, {args.model} on {args.task}")
+    print(text_table(rows))
+    print(f"written to {args.out}/grad_cosine.{{json,csv,png}}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import replay_run
 
@@ -219,10 +284,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import PRESETS, describe, plan, run_bench, select
+    from .bench import PRESETS, STUDIES, describe, plan, run_bench, select
 
+    if args.preset in STUDIES:  # a study (lr picked per entry, claims, verdicts) runs through its own module
+        import importlib
+
+        return importlib.import_module(STUDIES[args.preset][0]).main(args)
     if args.preset not in PRESETS:
-        raise ZOError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+        raise ZOError(f"unknown preset {args.preset!r}; choose one of: {', '.join([*PRESETS, *STUDIES])}")
+    study_flags = [f for f in ("arms", "claims", "ranks", "shard") if getattr(args, f) is not None]
+    if study_flags or args.skip_diagnostics:
+        raise ZOError(f"--{(study_flags or ['skip-diagnostics'])[0].replace('_', '-')} applies to the study presets "
+                      f"({', '.join(STUDIES)}), not to {args.preset!r}")
     words = lambda text: [w for w in (x.strip() for x in text.split(",")) if w] if text else None  # noqa: E731
     try:
         seeds = [int(s) for s in words(args.seeds)] if args.seeds else None
@@ -273,6 +346,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "tune", help="pick the lr by short probe runs on a dev split carved out of the training data",
+        description=__import__("zotune.tune", fromlist=["x"]).__doc__,
+        epilog="examples:\n  zotune tune --method mezo-lora --task sst2 --data-dir ../shared/data\n"
+               "  zotune tune --method ar1zo --grid 5e-3,1.5e-2,5e-2 --probe-forwards 200 --train --steps 500\n"
+               "  zotune tune --method mezo --grid 1e-7,1e-6 --eps-grid 1e-4,1e-3\n"
+               "  zotune train --method mezo-lora --lr auto       # the same as tune --train at tune's defaults\n"
+               "\nEvery flag of zotune train is accepted: it describes the probes (their lr, eps, steps and "
+               "output folder come from the tune) and, with --train, the full run (--lr and --eps replaced by "
+               "the pick; --output-dir, else OUT/run).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of settings (keys as the flags, with _ or -)")
+    p.add_argument("--grid", metavar="LR,LR,...", help="the lrs to probe (default: 5 log-spaced values, x1/10 "
+                   "x1/3 x1 x3 x10, around --lr if given, else the method's suggested lr)")
+    p.add_argument("--eps-grid", metavar="EPS,EPS,...", help="also probe these eps (every lr x every eps); "
+                   "default: --eps alone. Refused for methods without eps (fo-lora)")
+    p.add_argument("--probe-forwards", type=int, metavar="N", help="budget of each probe in forward passes "
+                   "(steps = N // forwards per step; default: 100)")
+    p.add_argument("--probe-dev", type=int, metavar="N", help="examples held out of the TRAINING split as the "
+                   "probes' dev set (default: 200; 0 = use --dev-fraction alone)")
+    p.add_argument("--dev-fraction", type=float, metavar="F", help="... but at most this fraction of the "
+                   "training split (default: 0.2; 0 = use --probe-dev alone)")
+    p.add_argument("--out", help="output folder (default: runs/tune-<data>-<method>); re-running resumes it")
+    p.add_argument("--train", action="store_true", help="after picking, run the full zotune train at the "
+                   "picked lr (into --output-dir, else OUT/run)")
+    _add_config_flags(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "report", help="compare run directories: a table and a PNG of dev metric and training loss",
+        description="Reads run directories (finished, killed or failed; a bench's runs/* or a tune's probes/* "
+                    "too) and prints one row per run: method, data, lr, steps, forward passes, dev before -> "
+                    "after (best), test, wall time, peak memory, dtype. Writes a PNG with the dev metric and "
+                    "the smoothed training loss against forward passes, one line per run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each holds config.yaml)")
+    p.add_argument("--out", default="report.png", help="the comparison image (default: report.png)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("eval", help="accuracy (SQuAD: F1/EM) of a model (zero-shot, or with a saved adapter) on a task split")
     p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")
     p.add_argument("--task", default="rotten-tomatoes", help="task name or YAML task file (default: rotten-tomatoes)")
@@ -310,6 +421,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results/fd_snr", help="output folder (default: benchmarks/results/fd_snr)")
     p.set_defaults(func=cmd_snr)
 
+    p = sub.add_parser(
+        "diagnose", help="cosine between each method's ZO estimate over n directions and the backprop gradient, "
+                         "against n and LoRA rank (JSON, CSV, PNG), with the bf16 noise floor",
+        description=__import__("zotune.diagnostics.grad_cosine", fromlist=["x"]).__doc__,
+        epilog="examples:\n  zotune diagnose --task sst2 --data-dir ../shared/data\n"
+               "  zotune diagnose --configs mezo-lora,ar1zo,zoact,lozo --ranks 8,64 --points init,warm --out runs/cos",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="named model or local folder (default: smollm2-135m)")
+    p.add_argument("--task", default="sst2", help="task whose first training batch is used (default: sst2)")
+    p.add_argument("--data-dir", default="", help="benchmark data folder (default: $ZOTUNE_DATA or ../shared/data)")
+    p.add_argument("--configs", default="mezo-lora,atom-canonical,ar1zo",
+                   help="query configurations: " + ", ".join(__import__("zotune.diagnostics.grad_cosine",
+                                                                     fromlist=["x"]).QUERY_CONFIGS)
+                        + " (default: mezo-lora,atom-canonical,ar1zo)")
+    p.add_argument("--ranks", default="8,64", help="LoRA ranks, for the configurations that have one (default: 8,64)")
+    p.add_argument("--ns", default="1,4,16,64", help="directions averaged; max(ns) are drawn (default: 1,4,16,64)")
+    p.add_argument("--points", default="init", help="init and/or warm (default: init)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="evaluation dtypes; bfloat16 rows carry the noise "
+                                                              "floor against float32 (default: both)")
+    p.add_argument("--eps", type=float, default=None, help="perturbation size (default: each configuration's own)")
+    p.add_argument("--batch-size", type=int, default=16, help="the batch (default: 16)")
+    p.add_argument("--max-length", type=int, default=256, help="max prompt tokens (default: 256)")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="split the batch into chunks (default: 0)")
+    p.add_argument("--warm-norm", type=float, default=0.02, help="warm point: |s B A| / |W| per layer (default: 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter init, batch and directions (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (default: auto)")
+    p.add_argument("--out", default="runs/grad_cosine", help="output folder (default: runs/grad_cosine)")
+    p.set_defaults(func=cmd_diagnose)
+
     p = sub.add_parser("replay", help="rebuild a run's adapter from its config and trajectory (bit-exact check)",
                        description="A run is its trajectory: the initial state plus (step, seed, g, lr) per step "
                                    "determine the trained tensors. Replays them and compares with the saved adapter.")
@@ -322,9 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=__import__("zotune.bench", fromlist=["x"]).__doc__,
         epilog="presets:\n" + "\n".join(f"  {n:14s} {p.description}" for n, p in
                                        __import__("zotune.bench", fromlist=["x"]).PRESETS.items())
+               + "\n\nstudies (an lr picked per entry on a carved dev split, claims tested; see docs/benchmarks.md):\n"
+               + "\n".join(f"  {n:14s} {d}" for n, (_, d) in
+                           __import__("zotune.bench", fromlist=["x"]).STUDIES.items())
                + "\n\nexamples:\n  zotune bench --preset quick\n"
                  "  zotune bench --preset sst2-smollm2 --methods mezo-lora,ar1zo --seeds 0 --dry-run\n"
-                 "  zotune bench --preset rank-sweep --out benchmarks/results/rank_sweep_bench",
+                 "  zotune bench --preset rank-sweep --out benchmarks/results/rank_sweep_bench\n"
+                 "  zotune bench --preset regime --dry-run          # the plan, its cost in forward passes and hours\n"
+                 "  zotune bench --preset regime --threads 1 --out runs/regime   # re-run the same line to resume",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick", help="grid to run (default: quick)")
     p.add_argument("--methods", help="comma-separated entry labels of the preset, or method names to add "
@@ -343,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/bench-PRESET); re-running resumes it")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs recorded as failed")
     p.add_argument("--dry-run", action="store_true", help="print the grid (steps, forwards, lr per run) and stop")
+    study = p.add_argument_group("study presets (regime)")
+    study.add_argument("--claims", help="comma-separated claims to test (regime: ar1,zoact; default: all)")
+    study.add_argument("--arms", help="comma-separated optimizer arms (regime: sgd,adam; default: both)")
+    study.add_argument("--ranks", help="comma-separated LoRA ranks of the rank comparison (regime default: 8,64; "
+                                       "the largest is also run in fp32)")
+    study.add_argument("--shard", metavar="K/N", help="this process runs every N-th (entry, task) from the K-th, "
+                                                      "so N processes share one --out (e.g. 0/2 and 1/2 on 2 cores)")
+    study.add_argument("--skip-diagnostics", action="store_true", help="no gradient-cosine diagnostics")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list the named offline models, or prepare (convert) them")
@@ -359,13 +512,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--verbalizer "-1=terrible,1=great"`` as written: a value that starts with "-" after a flag that
+    takes one is joined to it (``--verbalizer=-1=...``), since argparse would read it as a flag."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = sub.choices.get(argv[0]) if sub and argv else None
+    if command is None:
+        return argv
+    takes_value = {o for a in command._actions if a.nargs is None and a.option_strings for o in a.option_strings}
+    known = {o for a in command._actions for o in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if token in takes_value and nxt is not None and nxt.startswith("-") and nxt.split("=")[0] not in known:
+            out.append(f"{token}={nxt}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's business
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(attach_dash_values(parser, argv))
     if args.command is None:
-        args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+        args = parser.parse_args(attach_dash_values(parser, ["train", *argv]))
     try:
         return args.func(args)
     except ZOError as exc:

@@ -73,8 +73,8 @@ class TrainConfig:
     # methods that calibrate on data, and a quantized frozen base
     calib_examples: int = _f(32, "calibration examples (seeded, from the training split) run once through the "
                                  "frozen model by methods that calibrate (zoact)")
-    quantize: str = _f("none", "store the frozen base's linear layers quantized: none | int8 | int4 "
-                               "(torchao weight-only; adapter methods only; int4 needs CUDA)")
+    quantize: str = _f("none", "store the frozen base's linear layers quantized: none | int8 (torchao) | int4 "
+                               "(bitsandbytes NF4, CPU or CUDA); weight-only, adapter methods only")
     # data and evaluation (MeZO's protocol: 1000 train / 500 dev / 1000 test)
     train_size: int = _f(1000, "training examples sampled from the train split (0 = all)")
     dev_size: int = _f(500, "dev examples sampled for evaluation and best-checkpoint selection (0 = all)")
@@ -90,6 +90,12 @@ class TrainConfig:
                             "CUDA GPU with bf16, or a CPU with avx512_bf16/AMX; for methods whose trainable values "
                             "stay float32 (peft keeps LoRA factors in float32); float32 otherwise. The run directory "
                             "records what auto picked and why) | float32 | bfloat16")
+    device_map: str = _f("", "place a model larger than one device with accelerate: auto | balanced | sequential "
+                             "(empty: the whole model on --device). LoRA-type methods only: the base may be split "
+                             "over GPUs, CPU and disk, the trainable factors stay on the execution device")
+    max_memory: str = _f("", "per-device budget for --device-map, e.g. 'cpu=300MiB,disk=10GiB' or "
+                             "'0=20GiB,cpu=64GiB' (implies --device-map auto)")
+    offload_folder: str = _f("", "where weights beyond --max-memory go on disk (empty: a temporary folder)")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     progress: bool = _f(True, "show progress bars")
     # distributed runs (torchrun) and guards

@@ -95,7 +95,10 @@ class Scorer:
         return hf_model(self.model).get_output_embeddings()
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: accelerate's execution device for a model placed over devices/disk."""
+        from .models import execution_device
+
+        return execution_device(self.model)
 
     def _module(self) -> nn.Module:
         """What a forward runs: the backbone (restricted) or the whole LM with its head (full)."""
@@ -203,7 +206,10 @@ class Scorer:
             return F.log_softmax(out.logits[rows, last].float(), -1).gather(1, cand)
         hidden = out.last_hidden_state[rows, last]  # [B, H]
         head = self._head()
-        scores = torch.einsum("bh,bch->bc", hidden.to(head.weight.dtype), head.weight[cand])
+        from accelerate.utils import align_module_device
+
+        with align_module_device(head):  # an offloaded (untied) head is loaded for this read
+            scores = torch.einsum("bh,bch->bc", hidden.to(head.weight.dtype), head.weight[cand])
         if getattr(head, "bias", None) is not None:
             scores = scores + head.bias[cand]
         return scores.float()

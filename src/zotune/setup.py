@@ -25,7 +25,7 @@ from .errors import require
 from .evaluate import Scorer
 from .hardware import Precision, pick_device, pick_dtype
 from .methods import Method, get_method, prepare_seeded
-from .models import load_model
+from .models import load_model, placement_for
 from .quantize import quantize_base
 from .tasks import TaskData, resolve_task
 
@@ -115,7 +115,13 @@ def setup(cfg: TrainConfig, data: TaskData | None = None, calibration: dict[str,
     device = pick_device(cfg.device)
     method_cls = get_method(cfg.method)
     precision = pick_dtype(cfg.dtype, device, method_cls)
-    model, tok, kind = load_model(cfg.model, precision.dtype, device)
+    placed = placement_for(device, cfg.device_map or None, cfg.max_memory or None, cfg.offload_folder or None)
+    require(placed is None or method_cls.is_adapter,
+            f"--device-map/--max-memory: method {cfg.method!r} updates base weights, which accelerate keeps off the "
+            f"device (on disk or another device) between forwards; use an adapter method (mezo-lora, ar1zo, zoact, "
+            f"subzero-lora)")
+    model, tok, kind = load_model(cfg.model, precision.dtype, device, device_map=cfg.device_map or None,
+                                  max_memory=cfg.max_memory or None, offload_folder=cfg.offload_folder or None)
     require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
     method = method_cls(cfg)
     if calibration:

@@ -19,9 +19,11 @@ from .config import TrainConfig
 from .errors import ZOError, require
 from .hardware import peak_memory_mb
 from .metrics import metric_name, score_split
+from .models import describe_placement
+from .report import plot_run
 from .rundir import RunDir, check_free_space, run_bytes, safetensors_bytes
 from .setup import batch_indices, load_data, setup
-from .tasks import Example
+from .tasks import Example, TaskData
 
 
 @dataclass
@@ -76,8 +78,11 @@ def data_name(cfg: TrainConfig) -> str:
     return Path(cfg.train_file).name if cfg.train_file else cfg.task
 
 
-def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
+def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = None) -> Summary:
     """Run (or, with ``resume``, continue) a training run; return its summary.
+
+    ``data``: the run's splits, already loaded and sampled (``zotune tune`` passes a dev split carved
+    from the training data); None loads them as ``cfg`` says.
 
     Resume replays the run's trajectory onto the freshly prepared model (see
     :meth:`ZOEngine.replay`), so a run killed at any moment continues bit-identically.
@@ -86,7 +91,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     """
     t0 = time.time()
     cfg.validate()
-    data = load_data(cfg)  # everything wrong with the inputs fails here, before a run directory exists
+    data = data if data is not None else load_data(cfg)  # bad inputs fail here, before a run directory exists
     cluster = distributed.from_env(cfg)  # a cluster of one unless launched by torchrun
     main = cluster.is_main  # rank 0, or the only process
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress and main else (lambda msg: None)
@@ -96,8 +101,11 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
     run = setup(cfg, data, calibration=previous.calibration() if previous else None, cluster=cluster)
     model, method, engine, scorer = run.model, run.method, run.engine, run.scorer
     batched = use_batched(cfg.batched_queries, engine, run.device, cfg.micro_batch_size, cfg.batch_size)
-    say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev / {len(data.test)} test; "
+    held = " (dev held out from the training data: no --dev-file)" if "held out" in data.sources.get("dev", "") else ""
+    say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev{held} / {len(data.test)} test; "
         f"base weights in {run.precision.name} ({run.precision.reason})")
+    if cfg.device_map or cfg.max_memory or cfg.offload_folder:
+        say(f"zotune: {describe_placement(model)}")
     if cluster.world > 1:
         say(cluster.describe())
     if previous:
@@ -210,6 +218,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> Summary:
         dtype=run.precision.name, dtype_reason=run.precision.reason,
     )
     rundir.write_summary(summary.__dict__)
+    plot_run(rundir.path)  # curves.png: training loss and dev metric against forward passes
     return summary
 
 

@@ -8,11 +8,12 @@ MeZO's prompts (:mod:`.superglue`) and the LM-BFF k-shot suite
 """
 
 from ..errors import ZOError
-from .base import TASKS, Example, TaskData, load_task, register_task
+from .base import TASKS, Example, TaskData, hold_out, load_task, register_task
 from . import sentiment, superglue, lmbff, squad  # noqa: F401  (registration side effects)
 from .files import load_task_file, load_user_files
 from .lmbff import lmbff_task
 
+MIN_TRAIN_TO_CARVE = 10  # a user's training file without a dev file gives a fifth of itself (at most 500) as dev
 
 
 def resolve_task(task: str, data_dir=None, train_file: str = "", dev_file: str = "", test_file: str = "",
@@ -27,9 +28,15 @@ def resolve_task(task: str, data_dir=None, train_file: str = "", dev_file: str =
         data = load_task_file(task)
     else:
         return load_task(task, data_dir)
+    if data.train and not data.dev and len(data.train) >= MIN_TRAIN_TO_CARVE:
+        # no dev file: hold out a fixed part of the training file (the same split for every run)
+        data.train, data.dev = hold_out(data.train, min(500, len(data.train) // 5))
+        data.sources["dev"] = f"held out from the training data ({len(data.dev)} examples)"
     for split in ("train", "dev"):
         if not getattr(data, split):
-            raise ZOError(f"task {data.name!r} has no {split} data (give --{split}-file)")
+            raise ZOError(f"task {data.name!r} has no {split} data (give --{split}-file"
+                          + (f", or at least {MIN_TRAIN_TO_CARVE} training examples to hold a dev split out of"
+                             if split == "dev" else "") + ")")
     return data
 
 

@@ -248,8 +248,11 @@ TASK_FILE_KEYS = ("train", "dev", "test", "text_field", "label_field", "text_pai
                   "name")
 
 
-def load_task_file(path: str | Path) -> TaskData:
-    """Read a YAML task file (keys as :func:`load_user_files`' arguments; paths relative to the file)."""
+def load_task_file(path: str | Path, splits: tuple[str, ...] = ("train", "dev", "test")) -> TaskData:
+    """Read a YAML task file (keys as :func:`load_user_files`' arguments; paths relative to the file).
+
+    Only the files of ``splits`` are read (``zotune tune`` reads the train file alone).
+    """
     import yaml
 
     path = Path(path)
@@ -272,4 +275,5 @@ def load_task_file(path: str | Path) -> TaskData:
             conf[split] = (path.parent / conf[split]).resolve() if not Path(conf[split]).is_absolute() \
                 else Path(conf[split])
     conf.setdefault("name", path.stem)
+    conf = {k: v for k, v in conf.items() if k not in ("train", "dev", "test") or k in splits}
     return load_user_files(**{"train": None, **conf})

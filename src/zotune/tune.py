@@ -1,0 +1,347 @@
+"""``zotune tune``: pick the learning rate by short probe runs, on a dev split carved out of the training data.
+
+Each grid point (an lr, and an eps where ``--eps-grid`` is given) is one short,
+seeded run of the ordinary recipe (:func:`zotune.train.train`) at a budget of
+``--probe-forwards`` forward passes, with its own run directory. The probes
+never see the real dev set (nor the test set): a dev split of ``--probe-dev``
+examples (at most ``--dev-fraction`` of the training split) is held out of the
+*training* split, and the probes train on the rest. The pick is the best final
+dev metric on that carved split, ties broken by the lower mean training loss of
+the last 10 steps; a probe that diverges (any :class:`ZOError` during its run:
+a non-finite loss, the loss-explosion guard) counts as failed and is never picked.
+
+Output folder (``--out``, default ``runs/tune-<data>-<method>``)::
+
+    probes/lr<LR>_eps<EPS>/   one ordinary run directory per probe (curves.png included)
+    tune.json                 every probe's row, the pick, the total cost in forward passes
+    run/                      with --train (and no --output-dir): the full run at the picked lr
+
+Re-running the same command skips finished (and failed) probes, resumes a
+killed one exactly, and with ``--train`` skips or resumes the full run the same
+way; the same ``--out`` with other settings is refused.
+
+It is a probe, not a tuning study: one seed and a few dozen steps, so it catches
+lrs that do not move or that diverge; close calls between neighbouring lrs are
+noise (200 dev examples: about +-3.5 points of accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .bench import COMPARED_OUT, steps_for_budget
+from .config import TrainConfig
+from .errors import ZOError, require
+from .report import plot_run, read_run
+from .tasks import Example, TaskData
+
+FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)  # the default grid: x1/10 .. x10 around the centre, log-spaced
+PROBE_FORWARDS = 100
+PROBE_DEV = 200
+DEV_FRACTION = 0.2
+LAST = 10  # the tie-break: the mean training loss of the last 10 steps
+
+
+def default_grid(center: float) -> list[float]:
+    """Five lrs, log-spaced over two decades around ``center`` (two significant digits: 3e-3 x 1/3 = 1e-3)."""
+    return [float(f"{center * f:.2g}") for f in FACTORS]
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    """A comma list of non-negative numbers, sorted and without repeats; a bad one fails in one line."""
+    values = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ZOError(f"{flag} expects comma-separated numbers, got {item!r}") from None
+        require(math.isfinite(value) and value >= 0, f"{flag}: {item} is not a number >= 0")
+        values.append(value)
+    require(bool(values), f"{flag} is empty")
+    return sorted(set(values))
+
+
+def uses_eps(method: str) -> bool:
+    """Whether the method's step perturbs by eps: every ZO method; not one with its own engine (fo-lora)."""
+    from .methods import Method, get_method
+
+    return get_method(method).build_engine is Method.build_engine
+
+
+# ------------------------------------------------------------------------------------------- the data
+
+def train_split(cfg: TrainConfig) -> list[Example]:
+    """The whole training split of the run's data, read without touching its dev or test files.
+
+    (A named task's loader may read all of its files; only its train split is used.)
+    """
+    from .tasks import load_task, load_task_file, load_user_files
+
+    require(bool(cfg.train_file) or not (cfg.dev_file or cfg.test_file),
+            "--dev-file/--test-file without --train-file: give the training file too")
+    if cfg.train_file:
+        data = load_user_files(cfg.train_file, None, None, text_field=cfg.text_field, label_field=cfg.label_field,
+                               text_pair_field=cfg.text_pair_field or None, template=cfg.template,
+                               verbalizer=cfg.verbalizer)
+    elif cfg.task.endswith((".yaml", ".yml")):
+        data = load_task_file(cfg.task, splits=("train",))
+    else:
+        data = load_task(cfg.task, Path(cfg.data_dir) if cfg.data_dir else None)
+    require(bool(data.train), f"{data.name}: no training data to probe on")
+    return data.train
+
+
+def carve(cfg: TrainConfig, probe_dev: int = PROBE_DEV, dev_fraction: float = DEV_FRACTION) -> TaskData:
+    """The probes' data: a dev split held out of the training split, and the rest to train on.
+
+    The dev split has ``probe_dev`` examples, or ``dev_fraction`` of the training split if that is fewer
+    (0 turns either limit off); both are drawn with the run seed. The probes' training examples are then
+    sampled from the rest as a run samples its train split (``train_size``). No test split.
+    """
+    from .tasks.base import hold_out
+
+    require(probe_dev >= 0, f"--probe-dev must be >= 0, got {probe_dev}")
+    require(0 <= dev_fraction < 1, f"--dev-fraction must be in [0, 1), got {dev_fraction}")
+    require(probe_dev or dev_fraction, "--probe-dev 0 and --dev-fraction 0: the carved dev split would be empty")
+    split = train_split(cfg)
+    limits = [n for n in (probe_dev, max(1, math.floor(dev_fraction * len(split))) if dev_fraction else 0) if n]
+    n = min(limits)
+    require(1 <= n < len(split), f"the training split has {len(split)} examples: too few to carve a dev split of "
+                                 f"{n} out of it and train on the rest (see --probe-dev, --dev-fraction)")
+    rest, dev = hold_out(split, n, seed=cfg.seed)
+    return TaskData("probe", rest, dev).subsample(cfg.seed, cfg.train_size, 0, 0)
+
+
+# ----------------------------------------------------------------------------------------- the probes
+
+@dataclass
+class Probe:
+    lr: float
+    eps: float
+    cfg: TrainConfig
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+
+def probe_name(lr: float, eps: float) -> str:
+    return f"lr{lr:g}_eps{eps:g}"
+
+
+def plan(cfg: TrainConfig, grid: list[float], eps_grid: list[float], probe_forwards: int, out: Path,
+         data: TaskData) -> list[Probe]:
+    """A validated config per (lr, eps): the run's settings, the probe's budget, lr and eps, no test split."""
+    probes = []
+    for eps in eps_grid:
+        for lr in grid:
+            settings = {**cfg.to_dict(), "lr": lr, "eps": eps, "eval_every": 0, "test_size": 0, "progress": False,
+                        "train_size": len(data.train), "dev_size": len(data.dev),
+                        "output_dir": str(out / "probes" / probe_name(lr, eps))}
+            probe_cfg = TrainConfig.from_dict(settings, source="zotune tune")
+            probe_cfg.validate()
+            probe_cfg.steps = steps_for_budget(probe_forwards, probe_cfg)
+            probes.append(Probe(lr, eps, probe_cfg))
+    return probes
+
+
+def same_config(path: Path, cfg: TrainConfig) -> None:
+    """Refuse to reuse a run directory that holds a run of other settings."""
+    saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    for key, value in cfg.to_dict().items():
+        if key == "dtype" and value == "auto":
+            continue  # a run records the dtype auto picked on its machine
+        if key not in COMPARED_OUT and saved.get(key) != value:
+            raise ZOError(f"{path} holds a run with {key}={saved.get(key)!r}, this tune wants {value!r}; use "
+                          f"another --out (or delete that folder)")
+
+
+def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, str]:
+    """Train the run ``cfg`` describes into ``cfg.output_dir``, or reuse what is there.
+
+    Returns (what happened: trained | resumed | done before | failed | failed before, the error).
+    A finished run is skipped, a failed one is not retried (a divergence is deterministic), a killed one
+    resumes exactly (or, for a method whose trajectory cannot be replayed, starts again).
+    """
+    from .methods import get_method
+    from .train import train
+
+    path = Path(cfg.output_dir)
+    failed = path / "failed.json"
+    if (path / "summary.json").exists():
+        same_config(path, cfg)
+        return "done before", ""
+    if failed.exists():
+        same_config(path, cfg)
+        return "failed before", json.loads(failed.read_text()).get("error", "")
+    resume = None
+    if (path / "config.yaml").exists():
+        same_config(path, cfg)
+        if (path / "trajectory.jsonl").exists() and get_method(cfg.method).replayable:
+            resume = path
+        else:
+            shutil.rmtree(path)
+    elif path.exists() and any(path.iterdir()):
+        raise ZOError(f"{path} exists and is not a run directory; use another --out (or delete that folder)")
+    try:
+        train(TrainConfig.from_dict(cfg.to_dict(), source="zotune tune"), resume=resume, data=data)
+    except ZOError as exc:  # a diverged run is a result: recorded, and never picked
+        if not (path / "config.yaml").exists():
+            raise  # it failed before its run directory existed: a problem of the settings, not of the lr
+        failed.write_text(json.dumps({"error": str(exc)}, indent=2))
+        plot_run(path)  # the curves of a divergence are worth a look
+        return "failed", str(exc)
+    return ("resumed" if resume else "trained"), ""
+
+
+def probe_row(probe: Probe, what: str, error: str) -> dict:
+    """A probe's line of the table, read back from its run directory."""
+    run = read_run(probe.path)
+    s = run.summary or {}
+    losses = [r["loss"] for r in run.steps if math.isfinite(r["loss"])][-LAST:]
+    before = run.evals[0]["dev_acc"] if run.evals and run.evals[0]["step"] == 0 else float("nan")
+    return {
+        "lr": probe.lr, "eps": probe.eps, "status": "ok" if run.summary else "failed",
+        "dev_before": s.get("dev_before", before), "dev_after": s.get("dev_after", float("nan")),
+        "train_loss_last": s.get("train_loss_last", sum(losses) / len(losses) if losses else float("nan")),
+        "metric": run.metric, "steps": len(run.steps), "forward_passes": run.forward_passes,
+        "run_dir": str(probe.path), "error": error, "this_call": what in ("trained", "resumed", "failed"),
+    }
+
+
+def pick(rows: list[dict]) -> dict | None:
+    """The best final dev metric; ties go to the lower training loss of the last 10 steps, then the smaller lr."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    return min(ok, key=lambda r: (-r["dev_after"], r["train_loss_last"], r["lr"], r["eps"]))
+
+
+def _num(x: float, fmt: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{fmt}}"
+
+
+def table(rows: list[dict], chosen: dict | None) -> str:
+    """The probes as aligned text: lr, eps, dev before -> after, train loss (last 10), status, the pick."""
+    metric = rows[0]["metric"] if rows else "accuracy"
+    head = ["lr", "eps", f"dev {metric} before -> after", f"train loss (last {LAST})", "status", ""]
+    lines = [head]
+    for r in rows:
+        status = "ok" if r["status"] == "ok" else "failed (below)"
+        lines.append([f"{r['lr']:g}", f"{r['eps']:g}", f"{_num(r['dev_before'])} -> {_num(r['dev_after'])}",
+                      _num(r["train_loss_last"], ".4f"), status, "<- pick" if r is chosen else ""])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    right = {0, 1, 3}
+    text = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+            for line in lines]
+    text += [f"lr {r['lr']:g} eps {r['eps']:g} failed: {' '.join(r['error'].split())}" for r in rows if r["error"]]
+    return "\n".join(text)
+
+
+# ------------------------------------------------------------------------------------------- the tune
+
+@dataclass
+class TuneResult:
+    rows: list[dict]
+    pick: dict | None
+    text: str  # the table and the cost, as printed
+    out: Path
+    summary: object = None  # with train_after: the full run's Summary
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    data = Path(cfg.train_file).stem if cfg.train_file else Path(cfg.task).stem
+    return Path(f"runs/tune-{data}-{cfg.method}")
+
+
+def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float] | None = None,
+         probe_forwards: int = PROBE_FORWARDS, probe_dev: int = PROBE_DEV, dev_fraction: float = DEV_FRACTION,
+         out: str | Path | None = None, train_after: bool = False, center: float | None = None,
+         say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> TuneResult:
+    """Probe every (lr, eps) of the grid, pick one, write ``tune.json``; with ``train_after`` run the full
+    ``cfg`` at the pick (into ``cfg.output_dir``, else ``OUT/run``).
+
+    ``grid`` defaults to :func:`default_grid` around ``center`` (else the method's ``suggested_lr``);
+    ``eps_grid`` defaults to ``cfg.eps`` alone. When every probe failed, ``pick`` is None and nothing
+    is trained.
+    """
+    from .methods import get_method
+    from .train import Summary, data_name, train
+
+    require(int(os.environ.get("WORLD_SIZE", "1")) <= 1,
+            "zotune tune runs in one process; under torchrun, train the picked lr with zotune train")
+    cfg.validate()
+    require(probe_forwards >= 1, f"--probe-forwards must be >= 1, got {probe_forwards}")
+    method = get_method(cfg.method)
+    if eps_grid and not uses_eps(cfg.method):
+        raise ZOError(f"--eps-grid: method {cfg.method!r} takes no eps (its step is not a finite difference)")
+    grid = sorted(set(grid)) if grid else default_grid(center if center is not None else method.suggested_lr)
+    eps_grid = sorted(set(eps_grid)) if eps_grid else [cfg.eps]
+    out = Path(out) if out else default_out(cfg)
+
+    data = carve(cfg, probe_dev, dev_fraction)  # the real dev and test sets are never read
+    probes = plan(cfg, grid, eps_grid, probe_forwards, out, data)  # every config checked before any training
+    steps = probes[0].cfg.steps
+    say(f"zotune tune: {cfg.method} on {data_name(cfg)}: {len(grid)} lr{'s' * (len(grid) > 1)}"
+        + (f" x {len(eps_grid)} eps" if len(eps_grid) > 1 else "") + f", {probe_forwards} forward passes each "
+        f"({steps} steps); dev = {len(data.dev)} examples held out of the training split, "
+        f"{len(data.train)} to train on")
+    rows = []
+    for i, probe in enumerate(probes, 1):
+        what, error = run_or_reuse(probe.cfg, data)
+        r = probe_row(probe, what, error)
+        rows.append(r)
+        result = (f"dev {_num(r['dev_before'])} -> {_num(r['dev_after'])}, loss (last {LAST}) "
+                  f"{_num(r['train_loss_last'], '.4f')}") if r["status"] == "ok" else error
+        say(f"[{i}/{len(probes)}] lr {probe.lr:g} eps {probe.eps:g}: {what}: {result}")
+
+    chosen = pick(rows)
+    total = sum(r["forward_passes"] for r in rows)
+    now = sum(r["forward_passes"] for r in rows if r["this_call"])
+    lines = [table(rows, chosen), "",
+             f"cost: {total} forward passes of training in {len(rows)} probes ({now} in this call), plus two "
+             f"evaluations of the {len(data.dev)} held-out dev examples per probe"]
+    if chosen is None:
+        lines.append("no pick: every probe failed; try a grid of smaller lrs (--grid)")
+    else:
+        lines.append(f"pick: lr {chosen['lr']:g}" + (f", eps {chosen['eps']:g}" if len(eps_grid) > 1 else "")
+                     + f" (dev {chosen['metric']} {chosen['dev_after']:.3f} on the held-out split)")
+        if len(grid) > 1 and chosen["lr"] in (grid[0], grid[-1]):
+            side = "smallest" if chosen["lr"] == grid[0] else "largest"
+            lines.append(f"note: the pick is the grid's {side} lr; the best lr may lie beyond it "
+                         f"(extend --grid that way)")
+    record = {
+        "method": cfg.method, "model": cfg.model, "data": data_name(cfg), "seed": cfg.seed,
+        "probe_forwards": probe_forwards, "steps_per_probe": steps, "probe_train": len(data.train),
+        "probe_dev": len(data.dev), "grid": grid, "eps_grid": eps_grid, "rows": rows,
+        "pick": None if chosen is None else {k: chosen[k] for k in ("lr", "eps", "dev_after", "train_loss_last",
+                                                                   "run_dir")},
+        "total_forward_passes": total, "train_run": None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps(record, indent=2))
+    text = "\n".join(lines)
+    result = TuneResult(rows, chosen, text, out)
+    if not train_after or chosen is None:  # no pick: the caller says so (the CLI after printing the table)
+        return result
+    final = TrainConfig.from_dict({**cfg.to_dict(), "lr": chosen["lr"], "eps": chosen["eps"],
+                                   "output_dir": cfg.output_dir or str(out / "run")}, source="zotune tune")
+    say(f"zotune tune: training {cfg.method} at lr {chosen['lr']:g} into {final.output_dir}")
+    what, error = run_or_reuse(final)
+    if error:
+        raise ZOError(f"the full run at the picked lr {chosen['lr']:g} failed: {error}")
+    record["train_run"] = final.output_dir
+    (out / "tune.json").write_text(json.dumps(record, indent=2))
+    result.summary = Summary(**json.loads((Path(final.output_dir) / "summary.json").read_text()))
+    return result

@@ -1,0 +1,261 @@
+"""`zotune tune` (lr probes on a dev split carved out of the training data), curves.png, `zotune report`.
+
+All on the quick preset's tiny random llama and synthetic task (zotune.bench), where mezo-lora at lr 0.03
+learns within a few dozen forward passes, 3e-4 does not move, and 1e30 diverges at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zotune.bench import synthetic_task, tiny_random_model
+from zotune.cli import main
+from zotune.config import TrainConfig
+from zotune.errors import ZOError
+
+LEARNS, STILL, DIVERGES = 0.03, 0.0003, 1e30
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    data = synthetic_task(root / "data")
+    broken = root / "data" / "broken_dev.jsonl"
+    broken.write_text('{"text": "this dev file is never read", "label": \n')  # any read of it fails
+    return {"root": root, "model": tiny_random_model(root / "model"), "train": data["train_file"],
+            "dev": data["dev_file"], "broken": str(broken)}
+
+
+def flags(world, dev: str) -> list[str]:
+    return ["--model", str(world["model"]), "--method", "mezo-lora", "--train-file", world["train"],
+            "--dev-file", dev, "--batch-size", "8", "--max-length", "32", "--train-size", "64", "--dev-size", "32",
+            "--dtype", "float32", "--threads", "1", "--progress", "false"]
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def tune_argv(world, out: Path) -> list[str]:
+    return ["tune", *flags(world, world["broken"]), "--grid", f"{STILL},{LEARNS},{DIVERGES}",
+            "--probe-forwards", "40", "--probe-dev", "32", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def tuned(world):
+    """One tune over a grid with an lr that learns, one that does not move and one that diverges, its dev file
+    unreadable, with every data file read recorded."""
+    import zotune.tasks.files as files
+
+    reads = []
+    real = files._read_file
+    out = world["root"] / "tune"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(files, "_read_file", lambda path, spec: reads.append(Path(path)) or real(path, spec))
+        code, stdout, stderr = run(*tune_argv(world, out))
+    assert code == 0, stderr
+    return {"out": out, "stdout": stdout, "stderr": stderr, "reads": reads,
+            "record": json.loads((out / "tune.json").read_text())}
+
+
+def test_tune_picks_the_lr_that_learns(tuned):
+    record = tuned["record"]
+    rows = {r["lr"]: r for r in record["rows"]}
+    assert sorted(rows) == [STILL, LEARNS, DIVERGES]
+    assert record["pick"]["lr"] == LEARNS
+    assert rows[DIVERGES]["status"] == "failed" and "non-finite loss" in rows[DIVERGES]["error"]
+    assert rows[STILL]["status"] == rows[LEARNS]["status"] == "ok"
+    assert rows[LEARNS]["dev_after"] > rows[LEARNS]["dev_before"]  # it learned on the held-out split ...
+    assert rows[LEARNS]["dev_after"] > rows[STILL]["dev_after"]  # ... and beat the lr that barely moves
+    # 40 forward passes for each finished probe (20 steps of 2), one step for the diverged one
+    assert [rows[lr]["forward_passes"] for lr in (STILL, LEARNS)] == [40, 40]
+    assert record["total_forward_passes"] == sum(r["forward_passes"] for r in record["rows"])
+    assert record["probe_dev"] == 32 and record["steps_per_probe"] == 20
+
+    printed = tuned["stdout"]
+    table = printed.splitlines()
+    assert "lr" in table[0] and "eps" in table[0] and "before -> after" in table[0] and "status" in table[0]
+    [picked] = [line for line in table if "<- pick" in line]
+    assert picked.split()[0] == "0.03" and " ok " in picked
+    assert any(line.split()[:1] == ["1e+30"] and "failed" in line for line in table)
+    assert f"cost: {record['total_forward_passes']} forward passes of training in 3 probes" in printed
+    assert "pick: lr 0.03" in printed
+
+
+def test_tune_never_reads_the_dev_file(tuned, world):
+    # the run's dev file is not even valid JSON, and the only data file opened is the training file
+    assert tuned["reads"] and set(tuned["reads"]) == {Path(world["train"])}
+    for probe in (tuned["out"] / "probes").iterdir():  # each probe evaluated on the 32 held-out examples
+        assert yaml.safe_load((probe / "config.yaml").read_text())["dev_size"] == 32
+        assert (probe / "config.yaml").exists() and (probe / "curves.png").exists()
+
+
+def test_the_probe_dev_split_is_carved_out_of_the_training_split(world):
+    from zotune.tasks import load_user_files
+    from zotune.tune import carve
+
+    cfg = TrainConfig.make(train_file=world["train"], dev_file=world["broken"], train_size=0, seed=3)
+    whole = load_user_files(world["train"]).train
+    data = carve(cfg, probe_dev=40, dev_fraction=0.5)
+    assert len(data.dev) == 40 and len(data.train) == len(whole) - 40 and data.test == []
+    assert not {id(x) for x in data.dev} & {id(x) for x in data.train}  # held out: never trained on
+    assert sorted(map(repr, data.dev + data.train)) == sorted(map(repr, whole))  # all from the training file
+    assert carve(cfg, probe_dev=40).dev == data.dev  # a function of the seed: every probe and rerun alike
+    assert len(carve(cfg, probe_dev=1000, dev_fraction=0.1).dev) == len(whole) // 10  # the fraction caps it
+    with pytest.raises(ZOError, match="too few"):
+        carve(cfg, probe_dev=len(whole), dev_fraction=0)
+
+
+def test_rerunning_skips_finished_probes_and_resumes_a_killed_one(tuned, world):
+    out = tuned["out"]
+    killed = out / "probes" / "lr0.03_eps0.01"
+    (killed / "summary.json").unlink()  # as if killed after its last step
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "probes").glob("*/summary.json")}
+    code, stdout, stderr = run(*tune_argv(world, out))
+    assert code == 0
+    assert stderr.count(": done before:") == 1 and stderr.count(": failed before:") == 1
+    assert stderr.count(": resumed:") == 1 and ": trained:" not in stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished probes were not retrained
+    record = json.loads((out / "tune.json").read_text())
+    assert [(r["lr"], r["dev_after"]) for r in record["rows"] if r["status"] == "ok"] == \
+        [(r["lr"], r["dev_after"]) for r in tuned["record"]["rows"] if r["status"] == "ok"]  # resumed exactly
+    assert record["pick"]["lr"] == LEARNS
+    # the same --out with other settings is refused, naming the setting
+    code, _, stderr = run(*tune_argv(world, out), "--batch-size", "4")
+    assert code == 2 and "batch_size=8, this tune wants 4" in stderr
+
+
+def test_tune_train_runs_the_full_run_at_the_pick(world):
+    out = world["root"] / "tune-train"
+    code, stdout, stderr = run("tune", *flags(world, world["dev"]), "--grid", f"{LEARNS},{DIVERGES}",
+                               "--probe-forwards", "16", "--probe-dev", "32", "--steps", "6", "--eval-every", "3",
+                               "--out", str(out), "--train")
+    assert code == 0, stderr
+    run_dir = out / "run"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["lr"] == LEARNS and config["steps"] == 6 and config["eval_every"] == 3
+    assert config["dev_file"] == world["dev"] and config["train_size"] == 64  # the user's run, not a probe's
+    for name in ("metrics.jsonl", "trajectory.jsonl", "summary.json", "adapter", "best", "curves.png"):
+        assert (run_dir / name).exists(), name
+    assert "forward passes    12 in 6 steps" in stdout and str(run_dir / "adapter") in stdout
+    assert json.loads((out / "tune.json").read_text())["train_run"] == str(run_dir)
+
+    # the run's curves are redrawn when it is resumed (here: extended)
+    before = (run_dir / "curves.png").stat().st_mtime_ns
+    assert run("train", "--resume", str(run_dir), "--steps", "8", "--progress", "false")[0] == 0
+    assert (run_dir / "curves.png").stat().st_mtime_ns > before
+    assert_png(run_dir / "curves.png")
+
+    # rerunning skips the probes and the finished run, and prints its summary again
+    code, stdout, stderr = run("tune", *flags(world, world["dev"]), "--grid", f"{LEARNS},{DIVERGES}",
+                               "--probe-forwards", "16", "--probe-dev", "32", "--steps", "8", "--eval-every", "3",
+                               "--out", str(out), "--train")
+    assert code == 0 and ": trained:" not in stderr and "forward passes    16 in 8 steps" in stdout
+
+
+def test_train_lr_auto_tunes_first(world, monkeypatch):
+    import zotune.tune
+
+    monkeypatch.setattr(zotune.tune, "PROBE_FORWARDS", 8)  # tune's default budget, shrunk for the test
+    monkeypatch.chdir(world["root"])
+    code, stdout, stderr = run("train", *flags(world, world["dev"]), "--lr", "auto", "--steps", "4")
+    assert code == 0, stderr
+    out = world["root"] / "runs" / "tune-synthetic_train-mezo-lora"
+    record = json.loads((out / "tune.json").read_text())
+    assert record["grid"] == zotune.tune.default_grid(3e-3) == [3e-4, 1e-3, 3e-3, 9e-3, 3e-2]  # mezo-lora's 3e-3
+    assert record["steps_per_probe"] == 4 and record["train_run"] == "runs/tune-synthetic_train-mezo-lora/run"
+    assert yaml.safe_load((out / "run" / "config.yaml").read_text())["lr"] == record["pick"]["lr"]
+    assert "forward passes    8 in 4 steps" in stdout
+
+
+def test_the_default_grid_is_centred_on_the_given_lr_else_the_methods(world, monkeypatch, tmp_path):
+    import zotune.tune
+    from zotune.tune import TuneResult
+
+    calls = []
+    monkeypatch.setattr(zotune.tune, "tune", lambda cfg, **kw: calls.append(kw) or TuneResult([], None, "", tmp_path))
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.5\n")
+    for argv in (["tune", "--lr", "0.03"], ["tune", "--config", str(config)], ["tune"],
+                 ["train", "--lr", "auto"], ["train", "--config", str(config), "--lr", "auto"]):
+        run(*argv, *flags(world, world["broken"]))  # the fake tune picks nothing: exit 2, after the call
+    assert [c["center"] for c in calls] == [0.03, 0.5, None, None, None]  # None: the method's suggested lr
+    assert [c["train_after"] for c in calls] == [False, False, False, True, True]
+
+
+def assert_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4) and image.shape[0] > 200 and image.shape[1] > 400
+
+
+def test_every_run_directory_has_a_readable_curves_png(tuned):
+    probes = sorted((tuned["out"] / "probes").iterdir())
+    assert len(probes) == 3
+    for probe in probes:  # the diverged probe's too: its curves are how one sees the divergence
+        assert_png(probe / "curves.png")
+
+
+def test_report_prints_one_row_per_run_and_writes_the_png(tuned, tmp_path):
+    probes = sorted((tuned["out"] / "probes").iterdir())
+    killed = tmp_path / "killed"
+    shutil.copytree(probes[0], killed)
+    (killed / "summary.json").unlink()  # a killed run reads back from its logs
+    image = tmp_path / "cmp" / "report.png"
+    code, stdout, _ = run("report", *map(str, probes), str(killed), "--out", str(image))
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "status", "method"] and "dev before -> after (best)" in lines[0]
+    for name in [p.name for p in probes] + ["killed"]:
+        assert sum(line.split()[:1] == [name] for line in lines) == 1, name
+    status = {line.split()[0]: line.split()[1] for line in lines[2:6]}
+    assert status == {"lr0.0003_eps0.01": "finished", "lr0.03_eps0.01": "finished", "lr1e+30_eps0.01": "failed",
+                      "killed": "unfinished"}
+    row = next(line for line in lines if line.startswith("lr0.03_eps0.01"))
+    assert "mezo-lora" in row and "synthetic_train.jsonl" in row and " 0.03 " in row and " 40 " in row
+    assert "float32" in row
+    assert any("lr1e+30_eps0.01: failed: non-finite loss" in line for line in lines)
+    assert_png(image)
+
+
+def test_report_of_a_folder_that_is_not_a_run_fails_in_one_line(tuned, tmp_path, capsys):
+    for bad in (tuned["out"], tmp_path / "missing"):  # a tune's folder holds runs but is none itself
+        assert main(["report", str(tuned["out"] / "probes" / "lr0.03_eps0.01"), str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert str(bad) in err and ("not a run directory" in err or "no such run directory" in err)
+
+
+def test_bad_grids_fail_in_one_line(world, capsys):
+    from zotune.tune import parse_floats
+
+    assert parse_floats("3e-3, 1e-3,1e-3", "--grid") == [1e-3, 3e-3]
+    for argv, message in [(["--grid", "1e-3,fast"], "--grid expects comma-separated numbers, got 'fast'"),
+                          (["--grid", "-1"], "--grid: -1 is not a number >= 0"),
+                          (["--eps-grid", "1e-3", "--method", "fo-lora"], "method 'fo-lora' takes no eps"),
+                          (["--probe-dev", "0", "--dev-fraction", "0"], "the carved dev split would be empty")]:
+        assert main(["tune", *flags(world, world["broken"]), *argv, "--out", str(world["root"] / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_eps_grid_probes_every_lr_at_every_eps(world, tmp_path):
+    from zotune.tune import carve, plan
+
+    cfg = TrainConfig.make(model=str(world["model"]), method="mezo-lora", train_file=world["train"], queries=2)
+    probes = plan(cfg, [1e-3, 1e-2], [1e-3, 1e-2], 40, tmp_path, carve(cfg, 32))
+    assert [(p.lr, p.eps, p.path.name, p.cfg.steps) for p in probes] == [
+        (1e-3, 1e-3, "lr0.001_eps0.001", 10), (1e-2, 1e-3, "lr0.01_eps0.001", 10),
+        (1e-3, 1e-2, "lr0.001_eps0.01", 10), (1e-2, 1e-2, "lr0.01_eps0.01", 10)]  # 40 forwards, 4 per step
+    assert {(p.cfg.eval_every, p.cfg.test_size, p.cfg.dev_size) for p in probes} == {(0, 0, 32)}
