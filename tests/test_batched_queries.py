@@ -175,6 +175,53 @@ def test_micro_batches_are_repeated_per_copy(tiny_llama, name):
     assert b.grads == pytest.approx(s.grads, abs=TOL[torch.float32], rel=0)
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("placement", [
+    pytest.param(dict(quantize="int8"), id="int8-torchao",
+                 marks=pytest.mark.skipif(not _has("torchao"), reason="needs torchao")),
+    pytest.param(dict(quantize="int4"), id="int4-bitsandbytes",
+                 marks=pytest.mark.skipif(not _has("bitsandbytes"), reason="needs bitsandbytes")),
+    pytest.param(dict(max_memory="cpu=60KB"), id="disk-offload"),
+])
+def test_quantized_and_offloaded_bases(tiny_llama, placement):
+    """peft wraps a torchao int8 base in lora.Linear's subclass and a bitsandbytes NF4 base in its own
+    Linear4bit (which casts the LoRA term before adding it); accelerate offloads layers to disk: the
+    batched step reproduces each."""
+    def make():
+        model, tok, _ = load_model(str(tiny_llama), **({"max_memory": placement["max_memory"]}
+                                                       if "max_memory" in placement else {}))
+        cfg = TrainConfig.make(method="ar1zo", lora_r=2, seed=3, queries=2,
+                               quantize=placement.get("quantize", "none")).validate()
+        model, engine = build_engine(cfg, model)
+        return model, Scorer(model, tok), engine
+
+    _, seq_scorer, seq = make()
+    model, scorer, eng = make()
+    assert batched.lora_layers(model) and not batched.unsupported_layers(model)
+    s = seq.step(lambda: seq_scorer.loss_tensor(BATCH), LR)
+    b = step_batched(eng, model, lambda c: scorer.copy_losses(BATCH, c), LR)
+    assert b.grads == pytest.approx(s.grads, abs=TOL[torch.float32], rel=0)
+
+
+def test_lora_layers_it_does_not_reproduce_are_refused(tiny_llama):
+    """A LoRA on the embeddings (peft's lora.Embedding) is not a layer zotune.batched hooks."""
+    from peft import LoraConfig, get_peft_model
+
+    model, scorer, engine = build(tiny_llama, "mezo-lora")
+    odd_model = get_peft_model(load_model(str(tiny_llama))[0], LoraConfig(r=2, target_modules=["embed_tokens",
+                                                                                                 "q_proj"]))
+    assert batched.unsupported_layers(odd_model) == ["base_model.model.model.embed_tokens"]
+    assert not use_batched("auto", engine, "cpu", 4, 16, odd_model)
+    assert use_batched("auto", engine, "cpu", 4, 16, model)
+    with pytest.raises(ZOError, match="embed_tokens is of a kind"):
+        use_batched("on", engine, "cpu", 4, 16, odd_model)
+
+
 def test_copy_losses_without_a_hook_are_the_loss_of_each_copy(tiny_llama):
     """Every copy sees the same model: each entry is loss_tensor's number (classification and generation)."""
     model, tok, _ = load_model(str(tiny_llama))

@@ -60,7 +60,8 @@ def supports(engine) -> bool:
         and not method.unperturbed_forward
 
 
-def use_batched(mode: str, engine, device: str = "cpu", micro_batch_size: int = 0, batch_size: int = 0) -> bool:
+def use_batched(mode: str, engine, device: str = "cpu", micro_batch_size: int = 0, batch_size: int = 0,
+                model: nn.Module | None = None) -> bool:
     """What the ``batched_queries`` setting means for this run.
 
     ``off``: the sequential loop. ``on``: batched steps (a ZOError for a method that cannot).
@@ -70,26 +71,53 @@ def use_batched(mode: str, engine, device: str = "cpu", micro_batch_size: int = 
     micro-batch beat 2q forwards by 1.13-1.28x (fp32) and 1.27-1.65x (bf16) for q = 1 and 4.
     Not with whole-batch forwards (``micro_batch_size`` 0): there the copies' larger
     activations cost more than batching saves (fp32 0.85-1.02x; bf16 0.78-1.09x). Not on
-    GPU, where it was not measured.
+    GPU, where it was not measured. ``model`` (when given) must hold only LoRA layers whose
+    forward this module reproduces (:func:`unsupported_layers`).
     """
     require(mode in MODES, f"batched_queries must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off":
         return False
+    odd = unsupported_layers(model) if model is not None else []
     if mode == "on":
         require(supports(engine), f"batched_queries on: method {engine.method.name!r} cannot evaluate its "
                                   f"perturbations in one forward (it is not a batchable adapter method); "
                                   f"use batched_queries auto or off")
+        require(not odd, f"batched_queries on: LoRA layer {odd[0] if odd else ''} is of a kind whose forward "
+                         f"zotune.batched does not reproduce; use batched_queries auto or off")
         return True
     micro_batched = micro_batch_size > 0 and (not batch_size or micro_batch_size < batch_size)
-    return supports(engine) and str(device).startswith("cpu") and micro_batched
+    return supports(engine) and not odd and str(device).startswith("cpu") and micro_batched
 
 
 # -- the LoRA layers and the copies' factors ------------------------------------------------------
-def lora_layers(model: nn.Module) -> list[nn.Module]:
-    """peft's LoRA linear layers of ``model`` (``lora.Linear``, whatever the base: Linear, Conv1D, torchao)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+def _lora_classes() -> dict[type, bool]:
+    """peft's LoRA linear layer classes this module reproduces -> whether peft casts the LoRA term to the
+    base's dtype before adding it (bitsandbytes layers: ``result + (B(A x)·s).to(dtype)``) rather than after
+    (``lora.Linear``, torchao included: ``(result + B(A x)·s).to(dtype)``)."""
+    from peft.tuners.lora import bnb
+    from peft.tuners.lora.layer import Linear
 
-    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+    classes = {Linear: False}
+    for name in ("Linear8bitLt", "Linear4bit"):  # defined only where bitsandbytes imports
+        if hasattr(bnb, name):
+            classes[getattr(bnb, name)] = True
+    return classes
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """peft's LoRA linear layers of ``model``: ``lora.Linear`` (over Linear, Conv1D, torchao int8) and the
+    bitsandbytes ones (``--quantize int4``)."""
+    classes = tuple(_lora_classes())
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Names of peft LoRA layers whose forward :mod:`zotune.batched` does not reproduce (none for zotune's
+    own adapters): a batched step over such a model is refused."""
+    from peft.tuners.lora import LoraLayer
+
+    classes = tuple(_lora_classes())
+    return [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and not isinstance(m, classes)]
 
 
 class Factor:
@@ -183,13 +211,16 @@ def _copy_hook(layer: nn.Module, parts: dict[str, Factor], c: int):
     a_copies = parts["A"].copies if "A" in parts else None  # [c, r, d_in]
     b_copies = parts["B"].copies if "B" in parts else None  # [c, d_out, r]
     scaling = layer.scaling[name]
+    cast_first = isinstance(layer, tuple(cls for cls, first in _lora_classes().items() if first))
 
     def hook(module, args, result):
         x = args[0]
         rows = x.shape[0]
         if rows % c:
             raise ZOError(f"batched queries: a forward of {rows} rows is not {c} copies of a batch")
-        x = layer._cast_input_dtype(x, a_live.dtype)
+        convert = not (cast_first and torch.is_autocast_enabled())  # bnb layers skip both casts under autocast
+        if convert:
+            x = layer._cast_input_dtype(x, a_live.dtype)
         if a_copies is None:  # shared A (ZO-Act's Uᵀ): once over all copies, as peft applies it
             h = F.linear(x, a_live).reshape(c, -1, a_live.shape[0])
         else:
@@ -198,8 +229,10 @@ def _copy_hook(layer: nn.Module, parts: dict[str, Factor], c: int):
             delta = F.linear(h, b_live)
         else:
             delta = torch.bmm(h, b_copies.transpose(1, 2))
-        # as peft: result + lora_B(lora_A(x)) * scaling, back in the base's dtype (in place: the same roundings)
         delta = delta.reshape(*result.shape[:-1], -1).mul_(scaling)
+        if cast_first:  # as peft's bnb layers: result + (lora_B(lora_A(x)) * scaling).to(result's dtype)
+            return result + (delta.to(result.dtype) if convert else delta)
+        # as peft's lora.Linear: (result + lora_B(lora_A(x)) * scaling).to(result's dtype), in place if it can be
         return result.add_(delta) if result.dtype == delta.dtype else (result + delta).to(result.dtype)
 
     return hook

@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     previous = RunDir.open(resume, writable=main) if resume else None
     run = setup(cfg, data, calibration=previous.calibration() if previous else None, cluster=cluster)
     model, method, engine, scorer = run.model, run.method, run.engine, run.scorer
-    batched = use_batched(cfg.batched_queries, engine, run.device, cfg.micro_batch_size, cfg.batch_size)
+    batched = use_batched(cfg.batched_queries, engine, run.device, cfg.micro_batch_size, cfg.batch_size, model)
     held = " (dev held out from the training data: no --dev-file)" if "held out" in data.sources.get("dev", "") else ""
     say(f"zotune: {data_name(cfg)}: {len(data.train)} train / {len(data.dev)} dev{held} / {len(data.test)} test; "
         f"base weights in {run.precision.name} ({run.precision.reason})")
