@@ -334,9 +334,12 @@ def test_offloaded_tiny_model_needs_the_adapter_context(tiny_llama, tmp_path):
     check_adapter_placement(again)
     assert torch.equal(logits(again), trained)
 
-    # Without the context peft moves fresh factors to the meta device: caught in one line.
+    # zotune's attach_lora enters the context itself; plain peft without it moves fresh factors to the
+    # meta device, which check_adapter_placement catches in one line.
+    from peft import LoraConfig, get_peft_model
+
     bare, _, _ = load_model(str(tiny_llama), max_memory="cpu=60KB")
-    bare = attach_lora(bare, 4, 8, None)
+    bare = get_peft_model(bare, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ZOError) as e:
         check_adapter_placement(bare)
     assert "adapters_on_execution_device" in one_line(e)
