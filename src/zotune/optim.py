@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .engine import QueryKey
+from .engine import QueryKey, add_update_, update_seed
 from .errors import ZOError
 
 
@@ -35,7 +35,8 @@ class ZOSGD:
             self._decay(name, v, method, lr)
             for key, g in estimates:
                 if lr * g != 0:  # an exact no-op for lr = 0 (no -0.0 sign flips)
-                    v.add_(method.direction(name, v, key), alpha=-lr * g / q)
+                    # bf16/fp16 weights: stochastic rounding seeded by (run seed, step, query, name)
+                    method.add_direction_(name, v, key, -lr * g / q, update_seed(key, name))
 
     def estimate(self, name: str, v: torch.Tensor, estimates, method) -> torch.Tensor:
         """ĝ for one view: (1/q) Σ g_i z_i."""
@@ -66,7 +67,7 @@ class ZOMomentum(ZOSGD):
             m = ghat if m is None else m.mul_(self.momentum).add_(ghat)
             self.buf[name] = m
             self._decay(name, v, method, lr)
-            v.add_(m, alpha=-lr)
+            add_update_(v, m, -lr, update_seed(estimates[0][0], name))
 
     def state_dict(self) -> dict:
         return {"buf": {k: t.clone() for k, t in self.buf.items()}}

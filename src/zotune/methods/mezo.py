@@ -18,6 +18,8 @@ from .base import Method, register
 class MeZO(Method):
     name = "mezo"
     is_adapter = False
+    bf16_base = True  # updates written with seeded stochastic rounding (zotune.rounding)
+    restore_default = "regenerate"  # no weight-sized snapshot in float32 (engine: restore)
     suggested_lr = 1e-6  # MeZO's range for full-parameter runs (guessed for SmolLM2-135M)
 
     def prepare(self, model: nn.Module) -> nn.Module:
