@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .engine import QueryKey, add_update_, update_seed
+from .engine import LOW_PRECISION, QueryKey, add_update_, update_seed
 from .errors import ZOError
 
 
@@ -101,7 +101,10 @@ class ZOAdam(ZOSGD):
             v.mul_(b2).addcmul_(ghat, ghat, value=1 - b2)
             denom = (v / (1 - b2 ** t)).sqrt_().add_(self.adam_eps)
             self._decay(name, p, method, lr)
-            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+            if p.dtype in LOW_PRECISION:  # bf16/fp16 base tensors: the update stochastically rounded
+                add_update_(p, m / denom, -lr / (1 - b1 ** t), update_seed(estimates[0][0], name))
+            else:
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
     def state_dict(self) -> dict:
         return {"m": {k: t.clone() for k, t in self.m.items()},

@@ -98,7 +98,7 @@ def is_transposed(module: nn.Module) -> bool:
 class AGZO(Method):
     name = "agzo"
     is_adapter = False
-    bf16_base = True  # updates written with seeded stochastic rounding (zotune.rounding)
+    bf16_base = trains_base_dtype = True  # bf16 on request: updates stochastically rounded (zotune.rounding)
     restore_default = "regenerate"  # no weight-sized snapshot in float32 (engine: restore)
     options_cls = AGZOOptions
     suggested_lr = 1e-3  # probed on SST-2 / SmolLM2-135M at eps 1e-3 (benchmarks/results/sst2_smollm2)

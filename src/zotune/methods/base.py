@@ -96,8 +96,13 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     #: True when the trainable values are peft LoRA factors: peft keeps them in float32 over a
     #: bfloat16 base, so the base may be bf16 (``--dtype``). Methods that train base weights or
-    #: norms leave it False: an update of lr·g·z ~ 1e-6 vanishes in bf16's 8-bit mantissa.
+    #: norms set it with ``trains_base_dtype``: an update of lr·g·z ~ 1e-6 would vanish in bf16's
+    #: 8-bit mantissa under round-to-nearest, so the optimizers write it with seeded stochastic rounding.
     bf16_base: ClassVar[bool] = False
+    #: True when the trainable values are the base's own tensors (weights, norms), written in the base's
+    #: dtype: a bfloat16 base is then allowed on request (``--dtype bfloat16``; updates stochastically
+    #: rounded, zotune.rounding) but never picked by ``--dtype auto``.
+    trains_base_dtype: ClassVar[bool] = False
     #: How the engine restores the queried tensors under ``--restore auto``: ``snapshot`` (copy them
     #: and back: exact, costs one copy of the query space, tiny for adapters) or ``regenerate``
     #: (subtract the regenerated direction: no copy, a few ulps of drift per float32 step). Methods

@@ -18,7 +18,7 @@ from .base import Method, register
 class MeZO(Method):
     name = "mezo"
     is_adapter = False
-    bf16_base = True  # updates written with seeded stochastic rounding (zotune.rounding)
+    bf16_base = trains_base_dtype = True  # bf16 on request: updates stochastically rounded (zotune.rounding)
     restore_default = "regenerate"  # no weight-sized snapshot in float32 (engine: restore)
     suggested_lr = 1e-6  # MeZO's range for full-parameter runs (guessed for SmolLM2-135M)
 
