@@ -100,12 +100,15 @@ def test_the_default_direction_is_still_a_pure_function_of_name_and_key(tiny_lla
 
 # -- regenerate: one loop, exact replay --------------------------------------------------------
 
-@pytest.mark.parametrize("difference,queries", [("central", 1), ("central", 2), ("forward", 2)])
-def test_regenerate_replays_bit_for_bit_and_matches_the_snapshot_gradients(tiny_llama, difference, queries):
+@pytest.mark.parametrize("difference,queries,decay", [("central", 1, 0.0), ("central", 2, 0.0), ("forward", 2, 0.0),
+                                                      ("central", 2, 0.1)])
+def test_regenerate_replays_bit_for_bit_and_matches_the_snapshot_gradients(tiny_llama, difference, queries, decay):
+    """ZO-SGD without decay fuses the last restore pass into the update (+(eps - lr g) z); with decay
+    it does not; either way replay re-runs the same passes and rebuilds the weights bit for bit."""
     states, grads = {}, {}
     for restore in ("regenerate", "snapshot"):
         model, scorer, method = prepared(tiny_llama)
-        engine = ZOEngine(method, ZOSGD(weight_decay=0.1), eps=1e-3, queries=queries, seed=1,
+        engine = ZOEngine(method, ZOSGD(weight_decay=decay), eps=1e-3, queries=queries, seed=1,
                           difference=difference, restore=restore)
         rows = []
         for step in range(4):
@@ -113,7 +116,7 @@ def test_regenerate_replays_bit_for_bit_and_matches_the_snapshot_gradients(tiny_
             rows.append({"step": step, "g": r.grads, "lr": 1e-3})
         states[restore], grads[restore] = {n: p.detach().clone() for n, p in method.params.items()}, rows
         _, _, fresh_method = prepared(tiny_llama)
-        fresh = ZOEngine(fresh_method, ZOSGD(weight_decay=0.1), eps=1e-3, queries=queries, seed=1,
+        fresh = ZOEngine(fresh_method, ZOSGD(weight_decay=decay), eps=1e-3, queries=queries, seed=1,
                          difference=difference, restore=restore)
         fresh.replay(rows)
         assert all(torch.equal(bits(states[restore][n]), bits(p)) for n, p in fresh_method.params.items())
@@ -136,6 +139,23 @@ def test_a_failing_forward_under_regenerate_leaves_the_weights_where_they_were(t
         return scorer.loss_tensor(BATCH)
 
     with pytest.raises(RuntimeError, match="boom"):
+        engine.step(loss, 1e-3)
+    drift = max((before[n] - p.detach()).abs().max().item() for n, p in method.params.items())
+    assert drift < 1e-6
+
+
+def test_a_non_finite_loss_after_a_deferred_restore_still_restores(tiny_llama):
+    model, scorer, method = prepared(tiny_llama)
+    engine = ZOEngine(method, ZOSGD(), eps=1e-2, restore="regenerate")
+    assert engine._fused(1e-3)
+    before = {n: p.detach().clone() for n, p in method.params.items()}
+    calls = []
+
+    def loss():
+        calls.append(1)
+        return float("nan") if len(calls) == 2 else scorer.loss_tensor(BATCH)
+
+    with pytest.raises(FloatingPointError):
         engine.step(loss, 1e-3)
     drift = max((before[n] - p.detach()).abs().max().item() for n, p in method.params.items())
     assert drift < 1e-6

@@ -194,16 +194,27 @@ class ZOEngine:
         return self.restore
 
     def _query(self, views, key: QueryKey, snapshot: list[torch.Tensor] | None,
-               loss: Callable[[], float] | None = None) -> tuple[float | None, float | None]:
-        """One query's weight passes, with its forwards between them: (L+, L-) (L- None for forward
+               loss: Callable[[], float] | None = None, defer: bool = False):
+        """One query's weight passes, with its forwards between them: (L+, L-, left) (L- None for forward
         differences). ``snapshot`` None: regenerate (+eps z, -2eps z, +eps z, z from its seed); else
-        reflect and copy back. ``loss`` None: the passes only (replay: the same float operations)."""
+        reflect and copy back. ``loss`` None: the passes only (replay: the same float operations).
+        ``defer`` (regenerate): skip the last pass and return its coefficient ``left`` (+eps, or -eps for
+        forward differences), for ZO-SGD to fuse it with the update (+(eps - lr g) z, one pass less)."""
         applied = [0.0] * len(views)  # regenerate: each view's current offset along z
 
         def shift(alpha: float) -> None:
             for i, (name, v) in enumerate(views):
                 self.method.add_direction_(name, v, key, alpha)
                 applied[i] += alpha
+
+        def restore() -> None:
+            if snapshot is not None:
+                for (_, v), s in zip(views, snapshot):
+                    v.copy_(s)
+            else:
+                for (name, v), a in zip(views, applied):
+                    if a:
+                        self.method.add_direction_(name, v, key, -a)
 
         plus = minus = None
         try:
@@ -216,15 +227,18 @@ class ZOEngine:
                     for (_, v), s in zip(views, snapshot):  # theta - eps z = 2 theta - (theta + eps z)
                         v.mul_(-1).add_(s, alpha=2)
                 minus = loss() if loss else None
-        finally:  # also on a kill signal or a failing forward: never leave the weights perturbed
-            if snapshot is not None:
-                for (_, v), s in zip(views, snapshot):
-                    v.copy_(s)
-            else:
-                for (name, v), a in zip(views, applied):
-                    if a:
-                        self.method.add_direction_(name, v, key, -a)
-        return plus, minus
+        except BaseException:  # a kill signal, a failing forward: never leave the weights perturbed
+            restore()
+            raise
+        if defer and snapshot is None:
+            return plus, minus, -applied[0]
+        restore()
+        return plus, minus, None
+
+    def _fused(self, lr: float) -> bool:
+        """Whether the optimizer takes the last query's restore pass fused into its update (plain ZO-SGD)."""
+        fusable = getattr(self.optimizer, "fusable", None)
+        return bool(fusable and fusable(lr))
 
     def gather(self, results: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
         """Every process's (query, g, loss) triples in query order: on one process, its own."""
@@ -241,34 +255,52 @@ class ZOEngine:
         results = []  # (query, g, loss at theta to first order)
         if not central and loss_0 is None:
             loss_0 = loss()  # forward differences: L(theta), shared by every query
-        for q in self.local_queries():
-            loss_plus, loss_minus = self._query(views, QueryKey(self.seed, step, q), snapshot, loss)
+        local, pending = list(self.local_queries()), None
+        fuse = snapshot is None and self._fused(lr)  # the last restore pass goes into the update
+        for q in local:
+            key = QueryKey(self.seed, step, q)
+            loss_plus, loss_minus, left = self._query(views, key, snapshot, loss, defer=fuse and q == local[-1])
+            pending = (key, left) if left is not None else None
             if central:
                 results.append((q, (loss_plus - loss_minus) / (2 * self.eps), (loss_plus + loss_minus) / 2))
             else:
                 results.append((q, (loss_plus - loss_0) / self.eps, loss_0))
         del snapshot
-        results = self.gather(results)  # checked after gathering, so every process stops alike
-        if not all(math.isfinite(g) and math.isfinite(l) for _, g, l in results) or \
-                (loss_0 is not None and not math.isfinite(loss_0)):
-            raise FloatingPointError(f"non-finite loss at step {step}")
+        try:
+            results = self.gather(results)  # checked after gathering, so every process stops alike
+            if not all(math.isfinite(g) and math.isfinite(l) for _, g, l in results) or \
+                    (loss_0 is not None and not math.isfinite(loss_0)):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+        except BaseException:
+            if pending:  # the deferred restore pass, alone
+                for name, v in views:
+                    self.method.add_direction_(name, v, pending[0], pending[1])
+            raise
         grads = [g for _, g, _ in results]
-        spent = self.apply(step, grads, lr, views)
+        spent = self.apply(step, grads, lr, views, pending=pending)
         reported = loss_0 if loss_0 is not None else sum(l for *_, l in results) / len(results)
         return StepResult(step, reported, grads, spent, [QueryKey(self.seed, step, q) for q, _, _ in results])
 
-    def apply(self, step: int, grads: list[float], lr: float, views=None, passes: bool = False) -> int:
+    def apply(self, step: int, grads: list[float], lr: float, views=None, passes: bool = False,
+              pending: tuple[QueryKey, float] | None = None) -> int:
         """The update of ``step`` from its slopes (one per query, in query order): shared by :meth:`step`
         and :meth:`replay`. Advances the counters; returns the forward passes the step cost.
 
         ``passes``: first re-run the step's weight passes (``regenerate`` restore; replay), so the
-        weights see the same float operations as in the step, without the forwards."""
+        weights see the same float operations as in the step, without the forwards. ``pending``:
+        (key, coefficient) of a restore pass the step deferred, fused by ZO-SGD into its update."""
         views = self.method.views(step) if views is None else views
         if passes and self.restore_mode(views) == "regenerate":
-            for q in range(len(grads)):
-                self._query(views, QueryKey(self.seed, step, q), None)
+            fuse, n = self._fused(lr), len(grads)
+            for q in range(n):
+                key = QueryKey(self.seed, step, q)
+                left = self._query(views, key, None, defer=fuse and q == n - 1)[2]
+                pending = (key, left) if left is not None else None
         keys = [QueryKey(self.seed, step, q) for q in range(len(grads))]
-        self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
+        if pending:
+            self.optimizer.update(views, list(zip(keys, grads)), self.method, lr, pending=pending)
+        else:
+            self.optimizer.update(views, list(zip(keys, grads)), self.method, lr)
         spent = self.method.forward_cost(len(grads), self.difference)
         self.forward_passes += spent
         self.step_count = step + 1

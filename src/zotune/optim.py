@@ -29,14 +29,24 @@ class ZOSGD:
         if self.weight_decay and method.decays(name):
             v.mul_(1 - lr * self.weight_decay)
 
-    def update(self, views, estimates: Sequence[tuple[QueryKey, float]], method, lr: float) -> None:
+    def fusable(self, lr: float) -> bool:
+        """Whether :meth:`update` can take a pending restore pass (``pending``): plain ZO-SGD, no decay."""
+        return type(self) is ZOSGD and not (self.weight_decay and lr)
+
+    def update(self, views, estimates: Sequence[tuple[QueryKey, float]], method, lr: float,
+               pending: tuple[QueryKey, float] | None = None) -> None:
+        """``pending`` = (key, c): the engine deferred the restore pass +c·z(key) (regenerate restore);
+        it is fused into this key's update term: one pass +(c − lr·g/q)·z instead of two."""
         q = len(estimates)
         for name, v in views:
             self._decay(name, v, method, lr)
             for key, g in estimates:
-                if lr * g != 0:  # an exact no-op for lr = 0 (no -0.0 sign flips)
+                alpha = -lr * g / q if lr * g != 0 else 0.0  # an exact no-op for lr = 0 (no -0.0 sign flips)
+                if pending is not None and key == pending[0]:
+                    alpha = pending[1] + alpha if alpha else pending[1]
+                if alpha:
                     # bf16/fp16 weights: stochastic rounding seeded by (run seed, step, query, name)
-                    method.add_direction_(name, v, key, -lr * g / q, update_seed(key, name))
+                    method.add_direction_(name, v, key, alpha, update_seed(key, name))
 
     def estimate(self, name: str, v: torch.Tensor, estimates, method) -> torch.Tensor:
         """ĝ for one view: (1/q) Σ g_i z_i."""
