@@ -26,8 +26,10 @@ Two properties the rest of zotune relies on:
   ``auto`` takes the method's ``restore_default`` (regenerate for methods that
   train base weights) and falls back to snapshot where regeneration is unsafe:
   bfloat16/float16 views (the round trip drifts ~100x the updates) and
-  query-parallel ranks (each rank would run other passes). Replay re-runs the
-  same passes (without forwards), so replayed/resumed runs stay bit-identical.
+  query-parallel ranks (each rank would run other passes). With plain ZO-SGD
+  (no weight decay) the last restore pass is fused into the update,
+  +(eps - lr g/q) z. Replay re-runs the same passes (without forwards, fused
+  alike), so replayed/resumed runs stay bit-identical.
 * **A step's cost is the method's** (:meth:`Method.forward_cost`), counted here
   and nowhere else: replay, budgets and benchmarks read the same number.
 """
