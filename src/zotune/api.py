@@ -61,7 +61,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     Each step evaluates ``closure()`` twice per query, at θ+εz and θ−εz, along a
     direction z drawn from (seed, step, query, tensor name), restores θ (exactly,
-    or for full-weight methods by subtracting the regenerated z: ``restore=``) and moves it by the measured slope. No backward pass: the closure may
+    or for full-weight methods by subtracting the regenerated z: ``restore=``)
+    and moves it by the measured slope. No backward pass: the closure may
     compute any objective, differentiable or not (accuracy, a reward), as long
     as it returns a scalar (float or one-element tensor) that is *lower when
     better*, and sees the same data in both calls.
