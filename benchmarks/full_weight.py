@@ -236,8 +236,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "(that many forwards). changed: share of sampled trainable elements changed by the warm-up and "
              f"timed steps (lr {meta['lr']}, eps {meta['eps']}).", "",
              "step / 2 fwd (cpu) is the same ratio in process CPU time, less disturbed by other jobs on a shared "
-             "machine. A bfloat16 row without an error means the mode accepted a bf16 base: its `changed` column "
-             "says whether the updates survived round-to-nearest. Reading and profile: "
+             "machine. restore: what the engine did (auto: regenerate for float32 base weights, snapshot for bf16 and "
+             "adapters); bf16 updates of base weights are stochastically rounded, and `changed` says how many "
+             "sampled weights moved. Reading and profile: "
              "`benchmarks/results/full_weight_profile.md`.", "",
              "| mode | dtype | restore | step / 2 fwd | step / 2 fwd (cpu) | peak / inference | step s | forward s | peak MiB | "
              "fwd/step | step / its fwds | changed | trainable | error |",
