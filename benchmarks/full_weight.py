@@ -13,8 +13,10 @@ that mode alone. Modes:
   code writes ``param.data = param.data + s*z*eps`` (out of place); this uses
   ``add_`` in place, i.e. the cheapest faithful version;
 * ``mezo``, ``lozo``, ``subzero``, ``agzo``: zotune's full-weight methods through
-  ``zotune.ZOOptimizer`` (today: exact restore by snapshot); ``mezo-lora``: the
-  adapter reference.
+  ``zotune.ZOOptimizer`` with ``restore=--restore`` (default ``auto``: regeneration
+  restore in float32, snapshot in bfloat16); ``mezo-snapshot``: mezo with
+  ``restore="snapshot"`` (the exact restore, the engine's only one before issue 15);
+  ``mezo-lora``: the adapter reference.
 
 Each child: load the model in the dtype, one 16-example rotten-tomatoes batch
 (the step-0 batch of seed 0), one warm-up forward and step, then ``--steps``
@@ -58,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-MODES = ("inference", "mezo-reference", "mezo", "lozo", "subzero", "agzo", "mezo-lora")
+MODES = ("inference", "mezo-reference", "mezo", "mezo-snapshot", "lozo", "subzero", "agzo", "mezo-lora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TASK = "rotten-tomatoes"
 
@@ -149,7 +151,10 @@ def child(args) -> dict:
         elif args.child != "inference":
             import zotune
 
-            opt = zotune.ZOOptimizer(model, method=args.child, lr=args.lr, eps=args.eps, seed=0)
+            method = args.child.removesuffix("-snapshot")
+            restore = "snapshot" if args.child.endswith("-snapshot") else args.restore
+            opt = zotune.ZOOptimizer(model, method=method, lr=args.lr, eps=args.eps, seed=0, restore=restore)
+            row["restore"] = opt.engine.restore_mode(opt.method.views(0))
             model = opt.model
             trainable = list(opt.method.params.values())
             step = lambda loss: opt.step(loss)
@@ -202,7 +207,7 @@ def child(args) -> dict:
 def run_child(args, mode: str, dtype: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--dtype", dtype, "--model", args.model,
            "--steps", str(args.steps), "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-           "--lr", str(args.lr), "--eps", str(args.eps)]
+           "--lr", str(args.lr), "--eps", str(args.eps), "--restore", args.restore]
     t = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -231,14 +236,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "(that many forwards). changed: share of sampled trainable elements changed by the warm-up and "
              f"timed steps (lr {meta['lr']}, eps {meta['eps']}).", "",
              "step / 2 fwd (cpu) is the same ratio in process CPU time, less disturbed by other jobs on a shared "
-             "machine. A bfloat16 row without an error means the mode accepted a bf16 base: its `changed` column "
-             "says whether the updates survived round-to-nearest. Reading and profile: "
+             "machine. restore: what the engine did (auto: regenerate for float32 base weights, snapshot for bf16 and "
+             "adapters); bf16 updates of base weights are stochastically rounded, and `changed` says how many "
+             "sampled weights moved. Reading and profile: "
              "`benchmarks/results/full_weight_profile.md`.", "",
-             "| mode | dtype | step / 2 fwd | step / 2 fwd (cpu) | peak / inference | step s | forward s | peak MiB | "
+             "| mode | dtype | restore | step / 2 fwd | step / 2 fwd (cpu) | peak / inference | step s | forward s | peak MiB | "
              "fwd/step | step / its fwds | changed | trainable | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['dtype']} | {f(r.get('step_over_two_forwards'))} | "
+        lines.append(f"| {r['mode']} | {r['dtype']} | {r.get('restore', '')} | {f(r.get('step_over_two_forwards'))} | "
                      f"{f(r.get('step_over_two_forwards_cpu'))} | "
                      f"{f(r.get('peak_over_inference'))} | {f(r.get('step_s'), 2)} | {f(r.get('forward_s'), 2)} | "
                      f"{f(r.get('peak_mb'), 0)} | {f(r.get('forwards_per_step'))} | "
@@ -257,6 +263,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--restore", default="auto", help="the zotune modes' restore: auto | snapshot | regenerate")
     ap.add_argument("--out", default="benchmarks/results/full_weight.json")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

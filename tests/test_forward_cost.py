@@ -162,9 +162,8 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_only_for_lora_type_met
         for method in ("mezo", "mezo-ln", "lozo", "agzo"):  # they train base weights or norms
             assert pick_dtype("auto", "cpu", get_method(method)).dtype == torch.float32
     assert pick_dtype("bfloat16", "cpu", get_method("mezo-lora")).dtype == torch.bfloat16
-    for method in ("mezo", "mezo-ln", "lozo", "agzo"):
-        with pytest.raises(ZOError, match="vanish in bfloat16"):
-            pick_dtype("bfloat16", "cpu", get_method(method))
+    for method in ("mezo", "mezo-ln", "lozo", "agzo"):  # on request: updates stochastically rounded (issue 15)
+        assert pick_dtype("bfloat16", "cpu", get_method(method)).dtype == torch.bfloat16
 
 
 @pytest.mark.native_bf16

@@ -60,7 +60,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     """A zeroth-order optimizer with the torch.optim interface: ``loss = opt.step(closure)``.
 
     Each step evaluates ``closure()`` twice per query, at θ+εz and θ−εz, along a
-    direction z drawn from (seed, step, query, tensor name), restores θ exactly
+    direction z drawn from (seed, step, query, tensor name), restores θ (exactly,
+    or for full-weight methods by subtracting the regenerated z: ``restore=``)
     and moves it by the measured slope. No backward pass: the closure may
     compute any objective, differentiable or not (accuracy, a reward), as long
     as it returns a scalar (float or one-element tensor) that is *lower when

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .engine import DIFFERENCES
+from .engine import DIFFERENCES, RESTORES
 from .errors import ZOError, require
 from .options import coerce, default_of, is_number, setting
 
@@ -50,6 +50,11 @@ class TrainConfig:
     difference: str = _f("central", "finite difference: central ((L+ - L-)/2eps, 2q forward passes per step) | "
                                     "forward ((L+ - L0)/eps with L0 measured once per step: 1+q forward passes, "
                                     "bias O(eps) instead of O(eps^2)); agzo adds its unperturbed forward to either")
+    restore: str = _f("auto", "how a step restores the perturbed weights: auto (regenerate for methods that train "
+                              "base weights in float32, snapshot otherwise) | snapshot (copy and copy back: a "
+                              "lr-0 step is bit-identical; one extra copy of the queried weights) | regenerate "
+                              "(subtract the regenerated direction: no copy; a few float32 ulps of drift per "
+                              "step; replay/resume stay bit-exact)")
     optimizer: str = _f("sgd", "how estimates become updates: sgd | momentum | adam")
     batched_queries: str = _f("auto", "evaluate all perturbations of a step in one forward over copies of the batch, "
                                       "each copy with its own adapter (mezo-lora, ar1zo, zoact, subzero-lora): auto "
@@ -124,6 +129,7 @@ class TrainConfig:
         require(self.queries >= 1, f"queries must be >= 1, got {self.queries}")
         require(self.difference in DIFFERENCES, f"unknown difference {self.difference!r}; choose one of: "
                                                 f"{', '.join(DIFFERENCES)}")
+        require(self.restore in RESTORES, f"unknown restore {self.restore!r}; choose one of: {', '.join(RESTORES)}")
         require(self.lora_r >= 1, f"lora_r (rank) must be > 0, got {self.lora_r}")
         require(self.lora_alpha >= 0, f"lora_alpha must be > 0 (or 0 for the method's default), got {self.lora_alpha}")
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

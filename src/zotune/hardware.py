@@ -45,9 +45,10 @@ class Precision:
 def pick_dtype(name: str, device: str, method_cls) -> Precision:
     """The base weights' dtype: bf16 only where the trainable values stay fp32 and the hardware is fast at it."""
     if name == "auto":
-        if not method_cls.bf16_base:
+        if not method_cls.bf16_base or getattr(method_cls, "trains_base_dtype", False):
             return Precision(torch.float32, f"auto: {method_cls.name} trains base weights or norms, whose "
-                                            f"small updates bf16 would round away")
+                                            f"small updates bf16 would round away (--dtype bfloat16 writes "
+                                            f"them with stochastic rounding where the method supports it)")
         if device == "cuda":
             if torch.cuda.is_bf16_supported():
                 return Precision(torch.bfloat16, "auto: this CUDA GPU computes bf16")

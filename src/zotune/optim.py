@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .engine import QueryKey
+from .engine import LOW_PRECISION, QueryKey, add_update_, update_seed
 from .errors import ZOError
 
 
@@ -29,13 +29,24 @@ class ZOSGD:
         if self.weight_decay and method.decays(name):
             v.mul_(1 - lr * self.weight_decay)
 
-    def update(self, views, estimates: Sequence[tuple[QueryKey, float]], method, lr: float) -> None:
+    def fusable(self, lr: float) -> bool:
+        """Whether :meth:`update` can take a pending restore pass (``pending``): plain ZO-SGD, no decay."""
+        return type(self) is ZOSGD and not (self.weight_decay and lr)
+
+    def update(self, views, estimates: Sequence[tuple[QueryKey, float]], method, lr: float,
+               pending: tuple[QueryKey, float] | None = None) -> None:
+        """``pending`` = (key, c): the engine deferred the restore pass +c·z(key) (regenerate restore);
+        it is fused into this key's update term: one pass +(c − lr·g/q)·z instead of two."""
         q = len(estimates)
         for name, v in views:
             self._decay(name, v, method, lr)
             for key, g in estimates:
-                if lr * g != 0:  # an exact no-op for lr = 0 (no -0.0 sign flips)
-                    v.add_(method.direction(name, v, key), alpha=-lr * g / q)
+                alpha = -lr * g / q if lr * g != 0 else 0.0  # an exact no-op for lr = 0 (no -0.0 sign flips)
+                if pending is not None and key == pending[0]:
+                    alpha = pending[1] + alpha if alpha else pending[1]
+                if alpha:
+                    # bf16/fp16 weights: stochastic rounding seeded by (run seed, step, query, name)
+                    method.add_direction_(name, v, key, alpha, update_seed(key, name))
 
     def estimate(self, name: str, v: torch.Tensor, estimates, method) -> torch.Tensor:
         """ĝ for one view: (1/q) Σ g_i z_i."""
@@ -66,7 +77,7 @@ class ZOMomentum(ZOSGD):
             m = ghat if m is None else m.mul_(self.momentum).add_(ghat)
             self.buf[name] = m
             self._decay(name, v, method, lr)
-            v.add_(m, alpha=-lr)
+            add_update_(v, m, -lr, update_seed(estimates[0][0], name))
 
     def state_dict(self) -> dict:
         return {"buf": {k: t.clone() for k, t in self.buf.items()}}
@@ -100,7 +111,10 @@ class ZOAdam(ZOSGD):
             v.mul_(b2).addcmul_(ghat, ghat, value=1 - b2)
             denom = (v / (1 - b2 ** t)).sqrt_().add_(self.adam_eps)
             self._decay(name, p, method, lr)
-            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+            if p.dtype in LOW_PRECISION:  # bf16/fp16 base tensors: the update stochastically rounded
+                add_update_(p, m / denom, -lr / (1 - b1 ** t), update_seed(estimates[0][0], name))
+            else:
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
     def state_dict(self) -> dict:
         return {"m": {k: t.clone() for k, t in self.m.items()},

@@ -115,6 +115,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     else:
         if cfg.dtype == "auto":  # the run records what auto picked, so resume and replay rebuild the same
             cfg.dtype = run.precision.name
+        if cfg.restore == "auto" and hasattr(engine, "restore_mode"):  # likewise the restore (it depends on
+            cfg.restore = engine.restore_mode(method.views(0))  # dtype and query-parallel ranks)
         note = f"dtype {cfg.dtype}: {run.precision.reason}"
         rundir = RunDir(cluster.on_main(lambda: RunDir.create(cfg, run_bytes(cfg, method), note).path),
                         writable=main)

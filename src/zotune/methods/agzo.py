@@ -98,6 +98,8 @@ def is_transposed(module: nn.Module) -> bool:
 class AGZO(Method):
     name = "agzo"
     is_adapter = False
+    bf16_base = trains_base_dtype = True  # bf16 on request: updates stochastically rounded (zotune.rounding)
+    restore_default = "regenerate"  # no weight-sized snapshot in float32 (engine: restore)
     options_cls = AGZOOptions
     suggested_lr = 1e-3  # probed on SST-2 / SmolLM2-135M at eps 1e-3 (benchmarks/results/sst2_smollm2)
     suggested_lr_tuned = True

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..engine import QueryKey, ZOEngine, gaussian_like, tensor_seed
+from ..engine import LOW_PRECISION, QueryKey, ZOEngine, add_gaussian_, gaussian_like, tensor_seed
 from ..errors import ZOError
 from ..options import NoOptions, Options
 
@@ -96,12 +96,22 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     #: True when the trainable values are peft LoRA factors: peft keeps them in float32 over a
     #: bfloat16 base, so the base may be bf16 (``--dtype``). Methods that train base weights or
-    #: norms leave it False: an update of lr·g·z ~ 1e-6 vanishes in bf16's 8-bit mantissa.
+    #: norms set it with ``trains_base_dtype``: an update of lr·g·z ~ 1e-6 would vanish in bf16's
+    #: 8-bit mantissa under round-to-nearest, so the optimizers write it with seeded stochastic rounding.
     bf16_base: ClassVar[bool] = False
     #: True when every perturbation of a step can be evaluated in one forward over copies of the batch
     #: (:mod:`zotune.batched`, ``batched_queries``): each view is (part of) a peft LoRA factor, so the
     #: copies differ only in their adapter factors. Never with ``unperturbed_forward``.
     batchable: ClassVar[bool] = False
+    #: True when the trainable values are the base's own tensors (weights, norms), written in the base's
+    #: dtype: a bfloat16 base is then allowed on request (``--dtype bfloat16``; updates stochastically
+    #: rounded, zotune.rounding) but never picked by ``--dtype auto``.
+    trains_base_dtype: ClassVar[bool] = False
+    #: How the engine restores the queried tensors under ``--restore auto``: ``snapshot`` (copy them
+    #: and back: exact, costs one copy of the query space, tiny for adapters) or ``regenerate``
+    #: (subtract the regenerated direction: no copy, a few ulps of drift per float32 step). Methods
+    #: that train base weights declare ``regenerate``; bf16/fp16 weights always get a snapshot.
+    restore_default: ClassVar[str] = "snapshot"
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -139,6 +149,25 @@ class Method:
         """The direction z for one view; must be a pure function of (name, key)."""
         return gaussian_like(like, tensor_seed(key, name))
 
+    def add_direction_(self, name: str, v: torch.Tensor, key: QueryKey, alpha: float,
+                       sr_seed: int | None = None) -> None:
+        """``v += alpha * direction(name, v, key)``: every weight pass of the engine and of ZO-SGD.
+
+        The default Gaussian direction is regenerated chunk by chunk (no tensor-sized temporary);
+        an overridden :meth:`direction` is drawn whole. With ``sr_seed``, a bfloat16/float16 ``v``
+        gets the sum stochastically rounded (an update); without, rounded to nearest (the +/-eps passes).
+        """
+        if type(self).direction is Method.direction:
+            add_gaussian_(v, tensor_seed(key, name), alpha, sr_seed)
+            return
+        z = self.direction(name, v, key)
+        if sr_seed is not None and v.dtype in LOW_PRECISION:
+            from ..rounding import add_stochastic_
+
+            add_stochastic_(v, z, sr_seed, alpha=alpha)
+        else:
+            v.add_(z, alpha=alpha)
+
     def decays(self, name: str) -> bool:
         """Whether weight decay applies (MeZO: not to biases and norms)."""
         return not any(m in name for m in NO_DECAY_MARKERS)
@@ -164,7 +193,8 @@ class Method:
 
         Only a method with no ZO step at all (first-order LoRA) overrides it.
         """
-        return ZOEngine(self, self.make_optimizer(cfg), cfg.eps, cfg.queries, cfg.seed, difference=cfg.difference)
+        return ZOEngine(self, self.make_optimizer(cfg), cfg.eps, cfg.queries, cfg.seed, difference=cfg.difference,
+                        restore=getattr(cfg, "restore", "auto"))
 
     @classmethod
     def forward_cost(cls, queries: int, difference: str) -> int:

@@ -43,6 +43,7 @@ def final_norm_name(model: nn.Module) -> str:
 
 @register
 class MeZOLN(Method):
+    bf16_base = trains_base_dtype = True  # bf16 on request: updates stochastically rounded (zotune.rounding)
     name = "mezo-ln"
     suggested_lr = 1e-2  # tuned for the default job (Rotten Tomatoes, SmolLM2-135M)
     suggested_lr_tuned = True

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import QueryKey, gaussian_like, tensor_seed
+from ..engine import QueryKey, add_update_, gaussian_like, tensor_seed, update_seed
 from ..errors import ZOError
 from ..optim import ZOSGD
 from ..options import Options, setting
@@ -150,7 +150,7 @@ class LowRankMomentum(ZOSGD):
                 self.buf[name] = m
             self._decay(name, p, method, lr)
             if lr != 0:  # lr = 0 leaves the weights bit-identical (the buffer still advances)
-                p.add_(delta.to(p.dtype), alpha=-lr)
+                add_update_(p, delta, -lr, update_seed(estimates[0][0], name))  # bf16: stochastic rounding
 
     def state_dict(self) -> dict:
         return {"buf": {k: t.clone() for k, t in self.buf.items()}, "epoch": dict(self.epoch)}

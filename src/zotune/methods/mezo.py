@@ -2,8 +2,11 @@
 
 The direction is a fresh Gaussian over all parameters, regenerated from its
 seed rather than stored. Weight decay skips biases and norms (``Method.decays``).
-Exact restore snapshots the weights once per step: one extra copy of the model,
-which is the price of bit-exactness over MeZO's in-place +eps/-2eps/+eps.
+The restore (``restore_default = "regenerate"``) is MeZO's in-place
++eps/-2eps/+eps with z regenerated chunk by chunk: no copy of the model, a few
+float32 ulps of drift per step; ``--restore snapshot`` restores exactly at the
+cost of one extra copy. bfloat16 weights always get the snapshot, and their
+updates are stochastically rounded (docs/methods.md, "What is exact and what is not").
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from .base import Method, register
 class MeZO(Method):
     name = "mezo"
     is_adapter = False
+    bf16_base = trains_base_dtype = True  # bf16 on request: updates stochastically rounded (zotune.rounding)
+    restore_default = "regenerate"  # no weight-sized snapshot in float32 (engine: restore)
     suggested_lr = 1e-6  # MeZO's range for full-parameter runs (guessed for SmolLM2-135M)
 
     def prepare(self, model: nn.Module) -> nn.Module:

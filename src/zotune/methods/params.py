@@ -28,6 +28,7 @@ class ParamsMethod(Method):
 
     name = "params"
     is_adapter = False
+    bf16_base = trains_base_dtype = True  # bf16 on request: updates stochastically rounded (zotune.rounding)
     suggested_lr = 1e-3
 
     def __init__(self, cfg: Any, params: ParamsSpec = None):
