@@ -145,3 +145,28 @@ def test_labels_that_start_with_a_dash_work_as_written_and_the_summary_names_the
     assert printed.splitlines()[0] == f"zotune: mezo-lora on reviews.jsonl ({tiny_llama})"
     assert "rotten-tomatoes" not in printed
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["task"] == "reviews.jsonl"
+
+
+def test_a_headerless_tsv_with_string_labels_and_a_three_label_pair_file_train_as_written(tiny_llama, tmp_path,
+                                                                                          capsys):
+    """The shapes people bring: columns by number with word labels, and sentence pairs with three labels."""
+    words = {"positive": ("good", "fine", "nice"), "negative": ("bad", "dull", "awful")}
+    tsv = "".join(f"the film was {w}\t{label}\n" for label, ws in words.items() for w in ws * 4)
+    (tmp_path / "reviews.tsv").write_text(tsv)
+    assert main(["train", "--model", str(tiny_llama), "--train-file", str(tmp_path / "reviews.tsv"), "--text-field", "0",
+                 "--label-field", "1", "--verbalizer", "negative=terrible,positive=great", "--method", "mezo-lora",
+                 "--steps", "2", "--batch-size", "4", "--progress", "false", "--output-dir", str(tmp_path / "tsv")]) == 0
+    labels = ["entailment", "neutral", "contradiction"]
+    pairs = [{"premise": f"a movie was {w}", "hypothesis": h, "gold": labels[i % 3]}
+             for i, (w, h) in enumerate(zip(["good", "bad", "dull"] * 5, ["it was", "the plot", "a story"] * 5))]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert main(["train", "--model", str(tiny_llama), "--train-file", str(tmp_path / "pairs.jsonl"),
+                 "--text-field", "premise", "--text-pair-field", "hypothesis", "--label-field", "gold",
+                 "--template", "{text} ? {text_pair} It was", "--verbalizer",
+                 "entailment=great,neutral=it,contradiction=terrible", "--method", "mezo-lora", "--steps", "2",
+                 "--batch-size", "4", "--progress", "false", "--output-dir", str(tmp_path / "pairs")]) == 0
+    out = capsys.readouterr().out
+    assert "on reviews.tsv" in out and "on pairs.jsonl" in out
+    for run in ("tsv", "pairs"):  # each held a dev split out of its training file and evaluated on it
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert 0 <= summary["dev_after"] <= 1 and summary["forward_passes"] == 4
