@@ -258,17 +258,22 @@ def describe(preset: Preset, runs: list[Run]) -> str:
 # ------------------------------------------------------------------------------------------ running it
 
 COMPARED_OUT = ("progress", "threads", "device", "output_dir")  # settings that do not change a run's result
+RESOLVED_BY_THE_RUN = ("dtype", "restore")  # "auto" settings a run directory records resolved
+
+
+def same_config(path: Path, cfg: TrainConfig, who: str = "bench") -> None:
+    """Refuse to reuse a run directory that holds a run of other settings (bench, tune, the studies)."""
+    saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    for key, value in cfg.to_dict().items():
+        if key in RESOLVED_BY_THE_RUN and value == "auto":
+            continue  # a run records what auto picked on its machine
+        if key not in COMPARED_OUT and saved.get(key) != value:
+            raise ZOError(f"{path} holds a run with {key}={saved.get(key)!r}, this {who} wants {value!r}; "
+                          f"use another --out (or delete that run directory)")
 
 
 def _same_config(run: Run) -> None:
-    saved = yaml.safe_load((run.run_dir / "config.yaml").read_text()) or {}
-    now = run.cfg.to_dict()
-    for key, value in now.items():
-        if key == "dtype" and value == "auto":
-            continue  # a run records the dtype auto picked on its machine
-        if key not in COMPARED_OUT and saved.get(key) != value:
-            raise ZOError(f"{run.run_dir} holds a run with {key}={saved.get(key)!r}, this bench wants {value!r}; "
-                          f"use another --out (or delete that run directory)")
+    same_config(run.run_dir, run.cfg)
 
 
 def reset_peak_memory(device: str) -> None:

@@ -38,7 +38,7 @@ from typing import Callable
 
 import yaml
 
-from .bench import COMPARED_OUT, steps_for_budget
+from .bench import same_config as check_same_config, steps_for_budget
 from .config import TrainConfig
 from .errors import ZOError, require
 from .report import plot_run, read_run
@@ -158,13 +158,7 @@ def plan(cfg: TrainConfig, grid: list[float], eps_grid: list[float], probe_forwa
 
 def same_config(path: Path, cfg: TrainConfig) -> None:
     """Refuse to reuse a run directory that holds a run of other settings."""
-    saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    for key, value in cfg.to_dict().items():
-        if key == "dtype" and value == "auto":
-            continue  # a run records the dtype auto picked on its machine
-        if key not in COMPARED_OUT and saved.get(key) != value:
-            raise ZOError(f"{path} holds a run with {key}={saved.get(key)!r}, this tune wants {value!r}; use "
-                          f"another --out (or delete that folder)")
+    check_same_config(path, cfg, "tune")
 
 
 def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, str]:
