@@ -76,7 +76,8 @@ def test_the_preset_plans_the_issues_protocol(native_bf16, tmp_path):
         # bf16 base where the CPU has it (here: monkeypatched native), fp32 for methods that train base weights
         from zotune.methods import get_method
 
-        assert cfg.dtype == ("bfloat16" if get_method(cfg.method).bf16_base and "fp32" not in c.entry.roles
+        cls = get_method(cfg.method)
+        assert cfg.dtype == ("bfloat16" if cls.bf16_base and not cls.trains_base_dtype and "fp32" not in c.entry.roles
                              else "float32")
     assert len({(c.entry.label, c.task) for c in p.cells}) == len(p.cells)  # no entry trained twice
     # AR1-ZO's claim: the three queries at r in {8, 64} on the base and at r = 64 in fp32, in both arms

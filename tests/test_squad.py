@@ -139,7 +139,8 @@ def test_teacher_forcing_loss_drops_when_training_the_tiny_model(tiny_llama):
     for step in range(100):
         batch = train[(step * 16) % 64 : (step * 16) % 64 + 16]
         engine.step(lambda: scorer.loss(batch), lr=3e-3)
-    assert scorer.loss(train) < 0.75 * start  # measured: 3.61 -> 2.42
+    # measured: 3.61 -> 2.42 with per-tensor Gaussian draws, 3.61 -> 2.75 with the block-seeded draws (issue 15)
+    assert scorer.loss(train) < 0.8 * start
     after = score_split(scorer, train, 16)
     assert after.value > 0.0 and len(after.predictions) == 64  # answers' words start to appear (measured F1 0.076)
 

@@ -263,7 +263,7 @@ def measure(cfg: CosineConfig, progress: bool = True, say: Callable[[str], None]
                 for dtype in cfg.dtypes:
                     if dtype == "float32":
                         m, s = method, scorer
-                    elif not cls.bf16_base:
+                    elif not cls.bf16_base or cls.trains_base_dtype:  # its trainables are the base weights
                         say(f"grad-cosine: {name} trains base weights: no {dtype} evaluation (skipped)")
                         continue
                     else:  # the same point on a bf16 base: same seed, same basis, trainable values copied
