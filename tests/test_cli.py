@@ -28,7 +28,7 @@ def test_train_writes_a_complete_run_directory_and_a_peft_adapter(tiny_llama, tm
                  "--lr", "0.05", "--output-dir", str(out), "--progress", "false"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "dev accuracy" in printed and "forward passes    12 in 6 steps" in printed
+    assert "dev accuracy" in printed and "forward passes    24 in 6 steps" in printed  # the default zoact: 2 queries
     assert str(out / "adapter") in printed
     for name in ("config.yaml", "metrics.jsonl", "trajectory.jsonl", "summary.json", "adapter", "best"):
         assert (out / name).exists(), name
@@ -37,16 +37,17 @@ def test_train_writes_a_complete_run_directory_and_a_peft_adapter(tiny_llama, tm
     trajectory = [json.loads(line) for line in (out / "trajectory.jsonl").read_text().splitlines()]
     assert [t["step"] for t in trajectory] == list(range(6))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["forward_passes"] == 12
+    assert summary["forward_passes"] == 24
 
     # The adapter is a standard PEFT adapter: it loads elsewhere and reproduces the trained logits.
     from zotune.config import TrainConfig
     from zotune.methods import get_method, prepare_seeded
     from zotune.models import load_model
-    from zotune.rundir import load_trained
+    from zotune.rundir import RunDir, load_trained
 
     cfg = TrainConfig.from_yaml(out / "config.yaml")
     method = get_method(cfg.method)(cfg)
+    method.calibration = RunDir.open(out).calibration() or {}  # zoact's activation basis, kept by the run
     ours = prepare_seeded(method, load_model(str(tiny_llama))[0], cfg.seed)
     initial = {n: p.clone() for n, p in method.params.items()}
     ours = load_trained(ours, method, out / "adapter")
@@ -120,7 +121,7 @@ def test_train_on_the_users_own_csv_files(tiny_llama, tmp_path, capsys):
                  "--verbalizer", "1=terrible,5=great", "--steps", "2", "--batch-size", "2",
                  "--output-dir", str(tmp_path / "run"), "--progress", "false"])
     assert code == 0
-    assert "forward passes    4 in 2 steps" in capsys.readouterr().out
+    assert "forward passes    8 in 2 steps" in capsys.readouterr().out  # the default zoact: 2 queries
 
 
 def test_unknown_label_in_users_file_fails_in_one_line(tmp_path):

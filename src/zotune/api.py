@@ -38,9 +38,7 @@ Closure = Callable[[], "float | torch.Tensor"]
 def _config(method: str, lr: float | None, eps: float | None, queries: int, optimizer: str, seed: int,
             settings: dict[str, Any]) -> TrainConfig:
     """The TrainConfig ``zotune train`` would resolve for these settings (its defaults where None)."""
-    defaults = TrainConfig()
-    lr = defaults.lr if lr is None else lr
-    eps = defaults.eps if eps is None else eps
+    eps = TrainConfig().eps if eps is None else eps
     if "rank" in settings:  # the issue's spelling; TrainConfig calls it lora_r
         if "lora_r" in settings:
             raise ZOError("give the LoRA rank once: rank= or lora_r=, not both")
@@ -52,8 +50,10 @@ def _config(method: str, lr: float | None, eps: float | None, queries: int, opti
     if unknown:
         raise ZOError(f"unknown setting(s) {', '.join(unknown)}; ZOOptimizer takes TrainConfig fields "
                       f"(see `zotune train --help`), e.g. lora_r, lora_alpha, target_modules, weight_decay")
-    return TrainConfig.from_dict(dict(method=method, lr=lr, eps=eps, queries=queries, optimizer=optimizer,
-                                      seed=seed, **settings), source="ZOOptimizer").validate()
+    given = dict(method=method, eps=eps, queries=queries, optimizer=optimizer, seed=seed, **settings)
+    if lr is not None:  # else the method's own suggested lr, as `zotune train` without --lr
+        given["lr"] = lr
+    return TrainConfig.from_dict(given, source="ZOOptimizer").validate()
 
 
 class ZOOptimizer(torch.optim.Optimizer):

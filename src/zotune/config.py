@@ -38,15 +38,18 @@ class TrainConfig:
     label_field: str = _f("label", "field holding the label")
     template: str = _f("{text} It was", "prompt template for your own data")
     verbalizer: str = _f("0=terrible,1=great", "label=word pairs for your own data; the words are the candidates")
-    method: str = _f("mezo-ln", "ZO method (see `zotune methods`)")
+    method: str = _f("zoact", "ZO method (see `zotune methods`); the step settings you leave unset (lr, optimizer, "
+                              "queries, steps) are the method's own, e.g. zoact: Adam, 2 queries, 100 steps")
     # the ZO step
-    steps: int = _f(200, "number of ZO steps")
+    steps: int = _f(100, "number of ZO steps; unset: the method's own (400 forward passes: 100 for zoact's "
+                         "2-query steps, 200 for others)")
     batch_size: int = _f(16, "training examples per step (both perturbations see the same batch)")
-    lr: float = _f(1e-2, "learning rate, tuned for the default mezo-ln; on SmolLM2 we found ar1zo stable "
-                         "at 1.5e-2 and mezo-lora at 3e-3 (full mezo needs ~1e-6)")
+    lr: float = _f(2e-3, "learning rate; unset: the method's own (`zotune methods` lists them: 2e-3 for the "
+                         "default zoact with Adam, 1.5e-2 ar1zo, 3e-3 mezo-lora, 1e-6 mezo), or auto: probe a "
+                         "log grid on a dev split carved from train first (zotune tune)")
     eps: float = _f(1e-2, "perturbation size epsilon")
-    queries: int = _f(1, "queries (directions) per step; each costs two forward passes (one with "
-                         "--difference forward)")
+    queries: int = _f(2, "queries (directions) per step; each costs two forward passes (one with "
+                         "--difference forward); unset: the method's own (2 for zoact, 1 for the others)")
     difference: str = _f("central", "finite difference: central ((L+ - L-)/2eps, 2q forward passes per step) | "
                                     "forward ((L+ - L0)/eps with L0 measured once per step: 1+q forward passes, "
                                     "bias O(eps) instead of O(eps^2)); agzo adds its unperturbed forward to either")
@@ -55,7 +58,8 @@ class TrainConfig:
                               "lr-0 step is bit-identical; one extra copy of the queried weights) | regenerate "
                               "(subtract the regenerated direction: no copy; a few float32 ulps of drift per "
                               "step; replay/resume stay bit-exact)")
-    optimizer: str = _f("sgd", "how estimates become updates: sgd | momentum | adam")
+    optimizer: str = _f("adam", "how estimates become updates: sgd | momentum | adam; unset: the method's own "
+                                "(adam for zoact, as its paper; sgd for the others, MeZO's memory)")
     batched_queries: str = _f("auto", "evaluate all perturbations of a step in one forward over copies of the batch, "
                                       "each copy with its own adapter (mezo-lora, ar1zo, zoact, subzero-lora): auto "
                                       "(on CPU with --micro-batch-size below the batch size, where it measured "
@@ -199,6 +203,10 @@ class TrainConfig:
         for f in dataclasses.fields(cls):
             if f.name in data and f.name != "options":
                 setattr(cfg, f.name, coerce(f, data[f.name], source))
+        if cfg.method in METHODS:  # what the user left unset follows the method (zotune train --method mezo: lr 1e-6)
+            for key, value in METHODS[cfg.method].run_defaults().items():
+                if key not in data:
+                    setattr(cfg, key, value)
         ours = set(get_method(cfg.method).options_cls.settings()) if cfg.method in METHODS else set()
         for key in sorted(set(data) & set(owners)):
             options_cls = METHODS[owners[key][0]].options_cls

@@ -80,7 +80,7 @@ MAX_EXTEND = 2
 INT8_MARGIN = 0.02  # "an int8 base costs nothing": no worse than 2 points (non-inferiority)
 LEVEL = 0.95
 SETTINGS = dict(model="smollm2-135m", batch_size=16, train_size=1000, dev_size=500, test_size=500,
-                micro_batch_size=4)
+                micro_batch_size=4, queries=1)  # one query per step for every method, zoact included
 
 #: Re-splits: a task whose only big file is its test set. CR's LM-BFF test file (2,000 reviews) becomes
 #: 1,200 train / 300 dev / 500 test (seeded); its k-shot train/dev (32 each) are too small for 1,000 examples.

@@ -81,6 +81,14 @@ class Method:
     #: ``suggested_lr_tuned`` says whether it was picked by a probe (on SmolLM2-135M) or guessed.
     suggested_lr: ClassVar[float] = 1e-3
     suggested_lr_tuned: ClassVar[bool] = False
+    #: The step settings a run takes when the user leaves them unset (:meth:`run_defaults`): ZO-SGD with
+    #: one query keeps MeZO's memory (Adam adds two copies of the trainable tensors, which matters for
+    #: full-weight methods); a method whose paper steps differently says so here.
+    default_optimizer: ClassVar[str] = "sgd"
+    default_queries: ClassVar[int] = 1
+    #: Forward passes of a run left at its defaults (steps = this / forwards per step): every method's
+    #: no-flag run costs the same, so a comparison at defaults is at matched budget.
+    default_forwards: ClassVar[int] = 400
     #: Whether the run's trajectory of scalars (step, g, lr) rebuilds the trained tensors: then
     #: ``--resume`` and ``zotune replay`` work. False for directions that depend on data or for
     #: first-order steps; ``not_replayable`` then says why.
@@ -210,6 +218,14 @@ class Method:
         if difference == "central":
             return 2 * queries + (1 if cls.unperturbed_forward else 0)
         return 1 + queries
+
+    @classmethod
+    def run_defaults(cls) -> dict[str, Any]:
+        """The lr, optimizer, queries and steps of a run that leaves them unset (TrainConfig.from_dict):
+        the method's own, so ``zotune train --method mezo`` runs at MeZO's lr, not at the default method's."""
+        steps = max(1, cls.default_forwards // cls.forward_cost(cls.default_queries, "central"))
+        return {"lr": cls.suggested_lr, "optimizer": cls.default_optimizer, "queries": cls.default_queries,
+                "steps": steps}
 
     @classmethod
     def forwards_per_step(cls, cfg: Any) -> int:

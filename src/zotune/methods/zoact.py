@@ -37,8 +37,8 @@ from .base import Method, register
 class ZOActOptions(Options):
     prefix = "zoact"
     rank: int = setting(16, "ZO-Act: k, the number of top activation directions U per layer (trainable C is "
-                            "d_out x k). Use it with --optimizer adam; --queries 1 is cheapest, more queries "
-                            "(e.g. 4) lower the variance at 2 forwards each")
+                            "d_out x k). zoact steps with Adam and 2 queries unless --optimizer/--queries say "
+                            "otherwise; more queries lower the variance at 2 forwards each")
 
     def validate(self) -> None:
         self.check("zoact_rank", self.rank >= 1, ">= 1")
@@ -51,7 +51,12 @@ class ZOAct(Method):
     batchable = True  # its views are LoRA factors: zotune.batched
     needs_calibration = True
     options_cls = ZOActOptions
-    suggested_lr = 1e-3  # with --optimizer adam (a guess; the sst2 probe picked 5e-3 with adam)
+    # Adam with 2 queries per step, as the ZO-Act paper steps; lr probed for the default job (rotten-tomatoes,
+    # SmolLM2-135M, bf16 base): benchmarks/results/main_job/tune_session5/README.md and main_job/README.md
+    suggested_lr = 2e-3
+    suggested_lr_tuned = True
+    default_optimizer = "adam"
+    default_queries = 2
 
     def __init__(self, cfg):
         super().__init__(cfg)
