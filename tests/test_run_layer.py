@@ -227,3 +227,25 @@ def test_a_base_offloaded_to_disk_trains_with_the_in_memory_slopes(tiny_llama, t
     assert g["memory"] == pytest.approx(g["disk"], rel=1e-5, abs=1e-7)
     assert main([*tiny_run(tiny_llama, tmp_path / "full"), "--method", "mezo", "--max-memory", "cpu=40KB"]) == 2
     assert "use an adapter method" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ settings a user leaves unset follow the method
+def test_settings_left_unset_are_the_methods_own():
+    """`zotune train --method mezo` must not inherit the default zoact's Adam and lr 2e-3 (Adam would add two
+    model-sized moments to full-weight MeZO, and 2e-3 diverges it): unset lr, optimizer, queries and steps
+    come from the method; what the user gives wins; and every method's no-flag run costs 400 forwards."""
+    from zotune.config import TrainConfig
+    from zotune.methods import METHODS, get_method
+
+    main = TrainConfig()
+    assert (main.method, main.optimizer, main.queries, main.lr, main.steps) == ("zoact", "adam", 2, 2e-3, 100)
+    assert TrainConfig.make() == main
+    mezo = TrainConfig.make(method="mezo")
+    assert (mezo.optimizer, mezo.queries, mezo.lr, mezo.steps) == ("sgd", 1, get_method("mezo").suggested_lr, 200)
+    given = TrainConfig.make(method="mezo", lr=1e-5, optimizer="momentum", steps=7)
+    assert (given.lr, given.optimizer, given.steps) == (1e-5, "momentum", 7)
+    for name, cls in METHODS.items():
+        cfg = TrainConfig.make(method=name)
+        assert abs(cfg.steps * cls.forwards_per_step(cfg) - 400) <= 2, name
+    # a saved config (every key written) reads back as it was, whatever the method's defaults are now
+    assert TrainConfig.from_dict(mezo.to_dict() | {"method": "zoact"}).optimizer == "sgd"

@@ -212,7 +212,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name, cls in sorted(METHODS.items()):
         # a class's own docstring where one file registers two names (lozo / lozo-m), else its module's
         doc = (cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        d = cls.run_defaults()
         print(f"  {name:12s} {doc}")
+        print(f"  {'':12s}   unset settings: lr {d['lr']:g} ({'probed' if cls.suggested_lr_tuned else 'a guess'}), "
+              f"{d['optimizer']}, {d['queries']} quer{'y' if d['queries'] == 1 else 'ies'} a step, {d['steps']} steps")
+    print(f"\nThe main job (zotune train, no arguments) is {TrainConfig().method}; each method's unset settings are "
+          "its own.")
     return 0
 
 
