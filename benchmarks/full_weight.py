@@ -16,6 +16,7 @@ that mode alone. Modes:
   ``zotune.ZOOptimizer`` with ``restore=--restore`` (default ``auto``: regeneration
   restore in float32, snapshot in bfloat16); ``mezo-snapshot``: mezo with
   ``restore="snapshot"`` (the exact restore, the engine's only one before issue 15);
+  ``mezo-rademacher``: mezo with ``mezo_direction="rademacher"`` (+-1 directions, cheaper to generate);
   ``mezo-lora``: the adapter reference.
 
 Each child: load the model in the dtype, one 16-example rotten-tomatoes batch
@@ -60,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-MODES = ("inference", "mezo-reference", "mezo", "mezo-snapshot", "lozo", "subzero", "agzo", "mezo-lora")
+MODES = ("inference", "mezo-reference", "mezo", "mezo-rademacher", "mezo-snapshot", "lozo", "subzero", "agzo", "mezo-lora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TASK = "rotten-tomatoes"
 
@@ -151,9 +152,10 @@ def child(args) -> dict:
         elif args.child != "inference":
             import zotune
 
-            method = args.child.removesuffix("-snapshot")
+            method = args.child.removesuffix("-snapshot").removesuffix("-rademacher")
             restore = "snapshot" if args.child.endswith("-snapshot") else args.restore
-            opt = zotune.ZOOptimizer(model, method=method, lr=args.lr, eps=args.eps, seed=0, restore=restore)
+            extra = {"mezo_direction": "rademacher"} if args.child == "mezo-rademacher" else {}
+            opt = zotune.ZOOptimizer(model, method=method, lr=args.lr, eps=args.eps, seed=0, restore=restore, **extra)
             row["restore"] = opt.engine.restore_mode(opt.method.views(0))
             model = opt.model
             trainable = list(opt.method.params.values())

@@ -86,32 +86,77 @@ def gaussian_chunk(seed: int, numel: int, start: int, stop: int, device, out: to
     return out
 
 
+def rademacher_chunk(seed: int, numel: int, start: int, stop: int, device, out: torch.Tensor | None = None,
+                     gen: torch.Generator | None = None) -> torch.Tensor:
+    """Flat elements ``[start, stop)`` of the float32 Rademacher (+1/-1, equally likely) tensor of ``numel`` elements.
+
+    Seeded block by block exactly like :func:`gaussian_chunk` (block ``k`` from ``block_seed(seed, k)``), so
+    chunks never change the values. Why Rademacher: a Gaussian costs ~2.5 ns per element in ``normal_``,
+    the dominant cost of a full-weight step (benchmarks/results/full_weight_profile.md); here one 64-bit
+    draw gives 8 elements (the sign bit of each byte) and the conversion is one element-wise pass (~0.85 ns).
+    The only temporary is the random bits of the chunk (one byte per element).
+    """
+    n = stop - start
+    out = torch.empty(n, dtype=torch.float32, device=device) if out is None else out[:n]
+    gen = torch.Generator(device=device) if gen is None else gen
+    bits = torch.empty(-(-n // 8), dtype=torch.int64, device=device)
+    for k in range(start // BLOCK, -(-stop // BLOCK)):
+        lo, hi = k * BLOCK, min(numel, (k + 1) * BLOCK)
+        gen.manual_seed(block_seed(seed, k))
+        at = (lo - start) // 8  # lo - start is a multiple of BLOCK, hence of 8
+        bits[at:at + -(-(hi - lo) // 8)].random_(-(1 << 63), None, generator=gen)  # all 64 bits
+    b = bits.view(torch.int8)[:n].bitwise_or_(1)  # odd, never 0: its sign is the byte's top bit
+    return out.copy_(b).sign_()
+
+
+DIRECTIONS = {"gaussian": gaussian_chunk, "rademacher": rademacher_chunk}  # distribution -> block-seeded chunk
+
+
+def direction_chunk(distribution: str) -> Callable[..., torch.Tensor]:
+    """The chunk generator of a direction distribution (``gaussian``, ``rademacher``)."""
+    if distribution not in DIRECTIONS:
+        raise ZOError(f"unknown direction distribution {distribution!r}; choose one of: {', '.join(DIRECTIONS)}")
+    return DIRECTIONS[distribution]
+
+
 def gaussian_like(like: torch.Tensor, seed: int) -> torch.Tensor:
     """A standard-normal tensor shaped like ``like`` (in its dtype): :func:`gaussian_chunk` over all of it."""
+    return direction_like(like, seed, "gaussian")
+
+
+def direction_like(like: torch.Tensor, seed: int, distribution: str = "gaussian") -> torch.Tensor:
+    """A direction of ``distribution`` shaped like ``like`` (in its dtype): its chunk generator over all of it."""
     n = like.numel()
-    return gaussian_chunk(seed, n, 0, n, like.device).view(like.shape).to(like.dtype)
+    return direction_chunk(distribution)(seed, n, 0, n, like.device).view(like.shape).to(like.dtype)
 
 
 def add_gaussian_(v: torch.Tensor, seed: int, alpha: float, sr_seed: int | None = None,
                   chunk: int = CHUNK) -> torch.Tensor:
-    """``v += alpha * gaussian_like(v, seed)`` chunk by chunk: no temporary beyond one chunk.
+    """``v += alpha * gaussian_like(v, seed)`` chunk by chunk: :func:`add_direction_chunks_` for Gaussians."""
+    return add_direction_chunks_(v, seed, alpha, sr_seed, chunk, "gaussian")
+
+
+def add_direction_chunks_(v: torch.Tensor, seed: int, alpha: float, sr_seed: int | None = None,
+                          chunk: int = CHUNK, distribution: str = "gaussian") -> torch.Tensor:
+    """``v += alpha * direction_like(v, seed, distribution)`` chunk by chunk: no temporary beyond one chunk.
 
     With ``sr_seed`` and a bfloat16/float16 ``v`` the sum is stochastically rounded
     (:func:`~zotune.rounding.add_stochastic_`, seeded by ``sr_seed``); otherwise it is rounded
-    to nearest like ``add_``, with z rounded to ``v``'s dtype first (as ``gaussian_like`` gives it).
+    to nearest like ``add_``, with z rounded to ``v``'s dtype first (as ``direction_like`` gives it).
     """
+    make = direction_chunk(distribution)
     n = v.numel()
     gen = torch.Generator(device=v.device)
     if sr_seed is not None and v.dtype in LOW_PRECISION:
-        return add_stochastic_(v, lambda a, b: gaussian_chunk(seed, n, a, b, v.device, gen=gen), sr_seed,
+        return add_stochastic_(v, lambda a, b: make(seed, n, a, b, v.device, gen=gen), sr_seed,
                                alpha=alpha, chunk=16 * BLOCK)
     if not v.is_contiguous():
-        return v.add_(gaussian_like(v, seed), alpha=alpha)
+        return v.add_(direction_like(v, seed, distribution), alpha=alpha)
     flat, chunk = v.view(-1), -(-chunk // BLOCK) * BLOCK
     buf = torch.empty(min(n, chunk), dtype=torch.float32, device=v.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        z = gaussian_chunk(seed, n, start, stop, v.device, out=buf, gen=gen)
+        z = make(seed, n, start, stop, v.device, out=buf, gen=gen)
         flat[start:stop].add_(z if v.dtype == torch.float32 else z.to(v.dtype), alpha=alpha)
     return v
 

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..engine import LOW_PRECISION, QueryKey, ZOEngine, add_gaussian_, gaussian_like, tensor_seed
+from ..engine import LOW_PRECISION, QueryKey, ZOEngine, add_direction_chunks_, direction_like, tensor_seed
 from ..errors import ZOError
 from ..options import NoOptions, Options
 
@@ -145,20 +145,26 @@ class Method:
         """
         return None
 
+    @property
+    def distribution(self) -> str:
+        """The distribution of the default direction: ``gaussian`` (MeZO's), or what the method's options pick
+        (``--mezo-direction rademacher``). Only read where :meth:`direction` is not overridden."""
+        return "gaussian"
+
     def direction(self, name: str, like: torch.Tensor, key: QueryKey) -> torch.Tensor:
         """The direction z for one view; must be a pure function of (name, key)."""
-        return gaussian_like(like, tensor_seed(key, name))
+        return direction_like(like, tensor_seed(key, name), self.distribution)
 
     def add_direction_(self, name: str, v: torch.Tensor, key: QueryKey, alpha: float,
                        sr_seed: int | None = None) -> None:
         """``v += alpha * direction(name, v, key)``: every weight pass of the engine and of ZO-SGD.
 
-        The default Gaussian direction is regenerated chunk by chunk (no tensor-sized temporary);
+        The default direction (Gaussian, or :attr:`distribution`) is regenerated chunk by chunk (no tensor-sized temporary);
         an overridden :meth:`direction` is drawn whole. With ``sr_seed``, a bfloat16/float16 ``v``
         gets the sum stochastically rounded (an update); without, rounded to nearest (the +/-eps passes).
         """
         if type(self).direction is Method.direction:
-            add_gaussian_(v, tensor_seed(key, name), alpha, sr_seed)
+            add_direction_chunks_(v, tensor_seed(key, name), alpha, sr_seed, distribution=self.distribution)
             return
         z = self.direction(name, v, key)
         if sr_seed is not None and v.dtype in LOW_PRECISION:
