@@ -30,7 +30,8 @@ Two properties the rest of zotune relies on:
   next to eps|z|, or pushed into the next binade) are saved as (index, value)
   and written back by that inverse (:class:`PatchedRestore`). Since the check
   runs the very arithmetic of the inverse, the restore is exact by construction;
-  the patch measured ~2% of the elements at eps 1e-3 in bfloat16 (4 bytes each).
+  the largest patch measured 1.1% (Gaussian z) and 1.7% (Rademacher z) of
+  SmolLM2-135M's weights at eps 1e-3 in bfloat16, 4 bytes each.
   ``auto`` takes the method's ``restore_default`` (regenerate for methods that
   train base weights): float32 views regenerate (cheapest; drift far below an
   update), bfloat16/float16 views patch (a regeneration round trip there drifts
@@ -307,7 +308,7 @@ class PatchedRestore:
                     moved = _axpy(theta0, zv, to)
                     bad = _differ(_axpy(moved, zv, -to), theta0)  # where the next pass's inverse would miss
                     if bad.numel():
-                        new_patch.record(i, a, bad, theta0[bad].clone())
+                        new_patch.record(i, a, bad, theta0[bad])  # indexing copies
                     part.copy_(moved)
                 elif update and v.dtype in LOW_PRECISION:
                     x = theta0.to(torch.float32)
