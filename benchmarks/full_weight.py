@@ -14,8 +14,9 @@ that mode alone. Modes:
   ``add_`` in place, i.e. the cheapest faithful version;
 * ``mezo``, ``lozo``, ``subzero``, ``agzo``: zotune's full-weight methods through
   ``zotune.ZOOptimizer`` with ``restore=--restore`` (default ``auto``: regeneration
-  restore in float32, snapshot in bfloat16); ``mezo-snapshot``: mezo with
+  restore in float32, the exact patch restore in bfloat16); ``mezo-snapshot``: mezo with
   ``restore="snapshot"`` (the exact restore, the engine's only one before issue 15);
+  ``mezo-rademacher``: mezo with ``mezo_direction="rademacher"`` (+-1 directions, cheaper to generate);
   ``mezo-lora``: the adapter reference.
 
 Each child: load the model in the dtype, one 16-example rotten-tomatoes batch
@@ -60,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-MODES = ("inference", "mezo-reference", "mezo", "mezo-snapshot", "lozo", "subzero", "agzo", "mezo-lora")
+MODES = ("inference", "mezo-reference", "mezo", "mezo-rademacher", "mezo-snapshot", "lozo", "subzero", "agzo", "mezo-lora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TASK = "rotten-tomatoes"
 
@@ -151,9 +152,10 @@ def child(args) -> dict:
         elif args.child != "inference":
             import zotune
 
-            method = args.child.removesuffix("-snapshot")
+            method = args.child.removesuffix("-snapshot").removesuffix("-rademacher")
             restore = "snapshot" if args.child.endswith("-snapshot") else args.restore
-            opt = zotune.ZOOptimizer(model, method=method, lr=args.lr, eps=args.eps, seed=0, restore=restore)
+            extra = {"mezo_direction": "rademacher"} if args.child == "mezo-rademacher" else {}
+            opt = zotune.ZOOptimizer(model, method=method, lr=args.lr, eps=args.eps, seed=0, restore=restore, **extra)
             row["restore"] = opt.engine.restore_mode(opt.method.views(0))
             model = opt.model
             trainable = list(opt.method.params.values())
@@ -189,6 +191,9 @@ def child(args) -> dict:
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         traceback.print_exc(limit=3)
     row["peak_mb"] = peak_rss_mb()
+    if step and args.child != "mezo-reference" and opt.engine.patch_stats:
+        row["patch_peak_mb"] = opt.engine.patch_stats["peak_bytes"] / 2**20
+        row["patch_peak_entries_per_param"] = opt.engine.patch_stats["peak_entries"] / max(1, row["trainable_params"])
     if fwd:
         row["forward_s"] = statistics.median(fwd)
         row["forward_cpu_s"] = statistics.median(fwd_cpu)
@@ -236,18 +241,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "(that many forwards). changed: share of sampled trainable elements changed by the warm-up and "
              f"timed steps (lr {meta['lr']}, eps {meta['eps']}).", "",
              "step / 2 fwd (cpu) is the same ratio in process CPU time, less disturbed by other jobs on a shared "
-             "machine. restore: what the engine did (auto: regenerate for float32 base weights, snapshot for bf16 and "
-             "adapters); bf16 updates of base weights are stochastically rounded, and `changed` says how many "
+             "machine. restore: what the engine did (auto: regenerate for float32 base weights, patch for bf16 ones, "
+             "snapshot for adapters); patch MiB: the largest patch the patch restore held; bf16 updates of base weights are stochastically rounded, and `changed` says how many "
              "sampled weights moved. Reading and profile: "
              "`benchmarks/results/full_weight_profile.md`.", "",
              "| mode | dtype | restore | step / 2 fwd | step / 2 fwd (cpu) | peak / inference | step s | forward s | peak MiB | "
-             "fwd/step | step / its fwds | changed | trainable | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "patch MiB | fwd/step | step / its fwds | changed | trainable | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['dtype']} | {r.get('restore', '')} | {f(r.get('step_over_two_forwards'))} | "
                      f"{f(r.get('step_over_two_forwards_cpu'))} | "
                      f"{f(r.get('peak_over_inference'))} | {f(r.get('step_s'), 2)} | {f(r.get('forward_s'), 2)} | "
-                     f"{f(r.get('peak_mb'), 0)} | {f(r.get('forwards_per_step'))} | "
+                     f"{f(r.get('peak_mb'), 0)} | {f(r.get('patch_peak_mb'), 1)} | {f(r.get('forwards_per_step'))} | "
                      f"{f(r.get('step_over_its_forwards'))} | {f(r.get('changed_fraction'), 4)} | "
                      f"{r.get('trainable_params', '') and format(r['trainable_params'], ',')} | {r.get('error', '')} |")
     return "\n".join(lines) + "\n"
@@ -263,7 +268,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--eps", type=float, default=1e-3)
-    ap.add_argument("--restore", default="auto", help="the zotune modes' restore: auto | snapshot | regenerate")
+    ap.add_argument("--restore", default="auto", help="the zotune modes' restore: auto | snapshot | regenerate | patch")
     ap.add_argument("--out", default="benchmarks/results/full_weight.json")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

@@ -52,17 +52,22 @@ def test_restore_is_one_validated_setting_and_full_weight_methods_default_to_reg
     assert all(METHODS[n].bf16_base for n in regenerating)
 
 
-def test_auto_regenerates_float32_base_weights_and_snapshots_bf16_and_adapters(tiny_llama):
+def test_auto_regenerates_float32_base_weights_patches_bf16_and_snapshots_adapters(tiny_llama):
     _, _, method = prepared(tiny_llama)
     engine = ZOEngine(method, ZOSGD(), eps=1e-3)
     assert engine.restore_mode(method.views(0)) == "regenerate"
     _, _, bf16 = prepared(tiny_llama, dtype=torch.bfloat16)
-    assert ZOEngine(bf16, ZOSGD(), eps=1e-3).restore_mode(bf16.views(0)) == "snapshot"
+    assert ZOEngine(bf16, ZOSGD(), eps=1e-3).restore_mode(bf16.views(0)) == "patch"
+    assert ZOEngine(bf16, ZOSGD(), eps=1e-3, restore="snapshot").restore_mode(bf16.views(0)) == "snapshot"
     with pytest.raises(ZOError, match="bfloat16/float16 weights drift"):
         ZOEngine(bf16, ZOSGD(), eps=1e-3, restore="regenerate").restore_mode(bf16.views(0))
     query_parallel = ZOEngine(method, ZOSGD(), eps=1e-3, queries=2)
     query_parallel.local_queries = lambda: range(0, 2, 2)
     assert query_parallel.restore_mode(method.views(0)) == "snapshot"
+    for explicit in ("regenerate", "patch"):
+        query_parallel.restore = explicit
+        with pytest.raises(ZOError, match="query-parallel"):
+            query_parallel.restore_mode(method.views(0))
     _, _, lora = prepared(tiny_llama, "mezo-lora", lora_r=2)
     assert ZOEngine(lora, ZOSGD(), eps=1e-3).restore_mode(lora.views(0)) == "snapshot"
 
@@ -215,7 +220,8 @@ def bf16_run(tiny_llama, dtype, stochastic=True, lr=3e-6, steps=60):
     lr 3e-6 makes lr*g*z (~1e-5) smaller than half a bf16 ulp for most of this tiny model's weights
     (median |w| 0.014: ulp 6e-5), as MeZO's lr 1e-6 does on a real model."""
     model, scorer, method = prepared(tiny_llama, dtype=dtype)
-    engine = ZOEngine(method, ZOSGD(), eps=1e-2, seed=3)
+    # round-to-nearest: through add_direction_ after a snapshot restore (the patch restore fuses an SR update)
+    engine = ZOEngine(method, ZOSGD(), eps=1e-2, seed=3, restore="auto" if stochastic else "snapshot")
     if not stochastic:  # what the update was before: a plain add_, rounded to nearest
         method.add_direction_ = lambda name, v, key, alpha, sr_seed=None: v.add_(
             method.direction(name, v, key), alpha=alpha)

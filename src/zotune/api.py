@@ -61,7 +61,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     Each step evaluates ``closure()`` twice per query, at θ+εz and θ−εz, along a
     direction z drawn from (seed, step, query, tensor name), restores θ (exactly,
-    or for full-weight methods by subtracting the regenerated z: ``restore=``)
+    or for float32 full-weight methods by subtracting the regenerated z, or for
+    bf16 ones exactly without a copy by the patch restore: ``restore=``)
     and moves it by the measured slope. No backward pass: the closure may
     compute any objective, differentiable or not (accuracy, a reward), as long
     as it returns a scalar (float or one-element tensor) that is *lower when

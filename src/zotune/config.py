@@ -53,11 +53,13 @@ class TrainConfig:
     difference: str = _f("central", "finite difference: central ((L+ - L-)/2eps, 2q forward passes per step) | "
                                     "forward ((L+ - L0)/eps with L0 measured once per step: 1+q forward passes, "
                                     "bias O(eps) instead of O(eps^2)); agzo adds its unperturbed forward to either")
-    restore: str = _f("auto", "how a step restores the perturbed weights: auto (regenerate for methods that train "
-                              "base weights in float32, snapshot otherwise) | snapshot (copy and copy back: a "
-                              "lr-0 step is bit-identical; one extra copy of the queried weights) | regenerate "
-                              "(subtract the regenerated direction: no copy; a few float32 ulps of drift per "
-                              "step; replay/resume stay bit-exact)")
+    restore: str = _f("auto", "how a step restores the perturbed weights: auto (for methods that train base "
+                              "weights: regenerate in float32, patch in bfloat16/float16; snapshot otherwise) | "
+                              "snapshot (copy and copy back: a lr-0 step is bit-identical; one extra copy of the "
+                              "queried weights) | regenerate (subtract the regenerated direction: no copy; a few "
+                              "float32 ulps of drift per step) | patch (regenerate, and save the few elements whose "
+                              "round trip would not be exact: a lr-0 step is bit-identical in any dtype, no "
+                              "weight-sized copy). Replay/resume are bit-exact under all of them")
     optimizer: str = _f("adam", "how estimates become updates: sgd | momentum | adam; unset: the method's own "
                                 "(adam for zoact, as its paper; sgd for the others, MeZO's memory)")
     batched_queries: str = _f("auto", "evaluate all perturbations of a step in one forward over copies of the batch, "

@@ -41,12 +41,19 @@ class ZOSGD:
         for name, v in views:
             self._decay(name, v, method, lr)
             for key, g in estimates:
-                alpha = -lr * g / q if lr * g != 0 else 0.0  # an exact no-op for lr = 0 (no -0.0 sign flips)
+                alpha = self.coefficient(lr, g, q)
                 if pending is not None and key == pending[0]:
                     alpha = pending[1] + alpha if alpha else pending[1]
                 if alpha:
                     # bf16/fp16 weights: stochastic rounding seeded by (run seed, step, query, name)
                     method.add_direction_(name, v, key, alpha, update_seed(key, name))
+
+    @staticmethod
+    def coefficient(lr: float, g: float, q: int) -> float:
+        """The coefficient of z(key) in plain ZO-SGD's update, -lr·g/q: one formula for :meth:`update` and for
+        the engine's patched restore, which fuses it into its last pass (so both write the same floats).
+        Exactly 0.0 for lr = 0 or g = 0 (no -0.0 sign flips)."""
+        return -lr * g / q if lr * g != 0 else 0.0
 
     def estimate(self, name: str, v: torch.Tensor, estimates, method) -> torch.Tensor:
         """ĝ for one view: (1/q) Σ g_i z_i."""

@@ -83,7 +83,7 @@ import torch
 
 from .errors import ZOError
 
-__all__ = ["add_stochastic_", "stochastic_round", "block_seed", "BLOCK", "DEFAULT_CHUNK"]
+__all__ = ["add_stochastic_", "stochastic_round", "round_into_", "block_seed", "BLOCK", "DEFAULT_CHUNK"]
 
 BLOCK = 1 << 16  # elements per random-number block: the granularity of seeding, hence of chunking
 DEFAULT_CHUNK = 1 << 22  # elements per pass: a float32 chunk is 16 MiB
@@ -203,11 +203,27 @@ def add_stochastic_(target: torch.Tensor, update: Update, seed: int, *, alpha: f
         part = flat[start:stop]
         x = part.to(torch.float32)  # a fresh float32 copy of the chunk (exact)
         x.add_(_update_chunk(update, flat_update, start, stop).to(torch.float32), alpha=alpha)
-        if target.dtype == torch.bfloat16:
-            part.copy_(_round_bf16_(x, _random_u16(gen, seed, start, stop - start, target.device)))
-        else:
-            part.copy_(_round_fp16(x, _random_uniform(gen, seed, start, stop - start, target.device)))
+        round_into_(part, x, seed, start, gen)
     return target
+
+
+def round_into_(part: torch.Tensor, x: torch.Tensor, seed: int, start: int,
+                gen: torch.Generator | None = None) -> torch.Tensor:
+    """``part ← SR(x)``: the rounding step of :func:`add_stochastic_` for one chunk, on its own.
+
+    ``part`` is a bfloat16/float16 slice that starts at flat element ``start`` (a multiple of ``BLOCK``)
+    of the tensor whose bits ``seed`` draws; ``x`` the float32 values (overwritten). Exposed so a caller
+    that computes ``x`` itself (the engine's patched restore fuses restore and update in one pass) rounds
+    with exactly the random bits :func:`add_stochastic_` would use: the two give identical results.
+    """
+    if start % BLOCK:
+        raise ZOError(f"round_into_: start {start} is not a multiple of BLOCK ({BLOCK})")
+    gen = torch.Generator(device=part.device) if gen is None else gen
+    if part.dtype == torch.bfloat16:
+        return part.copy_(_round_bf16_(x, _random_u16(gen, seed, start, x.numel(), part.device)))
+    if part.dtype == torch.float16:
+        return part.copy_(_round_fp16(x, _random_uniform(gen, seed, start, x.numel(), part.device)))
+    raise ZOError(f"round_into_ rounds into bfloat16 or float16, got {part.dtype}")
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, *, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:

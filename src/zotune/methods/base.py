@@ -20,12 +20,13 @@ outside the file guesses at it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-from ..engine import LOW_PRECISION, QueryKey, ZOEngine, add_gaussian_, gaussian_like, tensor_seed
+from ..engine import (CHUNK, LOW_PRECISION, QueryKey, ZOEngine, add_direction_chunks_, direction_chunk, direction_like,
+                      tensor_seed)
 from ..errors import ZOError
 from ..options import NoOptions, Options
 
@@ -118,7 +119,8 @@ class Method:
     #: How the engine restores the queried tensors under ``--restore auto``: ``snapshot`` (copy them
     #: and back: exact, costs one copy of the query space, tiny for adapters) or ``regenerate``
     #: (subtract the regenerated direction: no copy, a few ulps of drift per float32 step). Methods
-    #: that train base weights declare ``regenerate``; bf16/fp16 weights always get a snapshot.
+    #: that train base weights declare ``regenerate``; their bf16/fp16 weights get the exact ``patch``
+    #: restore instead (engine docstring), strided views a snapshot.
     restore_default: ClassVar[str] = "snapshot"
 
     def __init__(self, cfg: Any):
@@ -153,20 +155,26 @@ class Method:
         """
         return None
 
+    @property
+    def distribution(self) -> str:
+        """The distribution of the default direction: ``gaussian`` (MeZO's), or what the method's options pick
+        (``--mezo-direction rademacher``). Only read where :meth:`direction` is not overridden."""
+        return "gaussian"
+
     def direction(self, name: str, like: torch.Tensor, key: QueryKey) -> torch.Tensor:
         """The direction z for one view; must be a pure function of (name, key)."""
-        return gaussian_like(like, tensor_seed(key, name))
+        return direction_like(like, tensor_seed(key, name), self.distribution)
 
     def add_direction_(self, name: str, v: torch.Tensor, key: QueryKey, alpha: float,
                        sr_seed: int | None = None) -> None:
         """``v += alpha * direction(name, v, key)``: every weight pass of the engine and of ZO-SGD.
 
-        The default Gaussian direction is regenerated chunk by chunk (no tensor-sized temporary);
+        The default direction (Gaussian, or :attr:`distribution`) is regenerated chunk by chunk (no tensor-sized temporary);
         an overridden :meth:`direction` is drawn whole. With ``sr_seed``, a bfloat16/float16 ``v``
         gets the sum stochastically rounded (an update); without, rounded to nearest (the +/-eps passes).
         """
         if type(self).direction is Method.direction:
-            add_gaussian_(v, tensor_seed(key, name), alpha, sr_seed)
+            add_direction_chunks_(v, tensor_seed(key, name), alpha, sr_seed, distribution=self.distribution)
             return
         z = self.direction(name, v, key)
         if sr_seed is not None and v.dtype in LOW_PRECISION:
@@ -175,6 +183,22 @@ class Method:
             add_stochastic_(v, z, sr_seed, alpha=alpha)
         else:
             v.add_(z, alpha=alpha)
+
+    def direction_chunks(self, name: str, v: torch.Tensor, key: QueryKey) -> Callable[[int, int], torch.Tensor]:
+        """``chunk(start, stop)``: flat elements ``[start, stop)`` of :meth:`direction` (starts multiples of
+        ``BLOCK``), for the engine's patched restore, which walks each view chunk by chunk.
+
+        The default direction is regenerated per chunk into one reused buffer (float32, as
+        :meth:`add_direction_` adds it); an overridden :meth:`direction` is drawn whole once per call and sliced.
+        A returned chunk is valid until the next call.
+        """
+        if type(self).direction is Method.direction:
+            make, seed, n = direction_chunk(self.distribution), tensor_seed(key, name), v.numel()
+            gen = torch.Generator(device=v.device)
+            buf = torch.empty(min(n, CHUNK), dtype=torch.float32, device=v.device)
+            return lambda a, b: make(seed, n, a, b, v.device, out=buf, gen=gen)
+        z = self.direction(name, v, key).reshape(-1)
+        return lambda a, b: z[a:b]
 
     def decays(self, name: str) -> bool:
         """Whether weight decay applies (MeZO: not to biases and norms)."""
