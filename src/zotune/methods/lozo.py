@@ -46,7 +46,7 @@ from ..engine import QueryKey, add_update_, gaussian_like, tensor_seed, update_s
 from ..errors import ZOError
 from ..optim import ZOSGD
 from ..options import Options, setting
-from .base import register
+from .base import LowRankChunks, register
 from .mezo import MeZO
 
 
@@ -105,11 +105,17 @@ class LOZO(MeZO):
         """U ∈ R^{m×r} of ``name`` for one query: fresh every step and query."""
         return gaussian((like.shape[0], self.rank), tensor_seed(key, name, "lozo-U"), like)
 
+    def factors(self, name: str, like: torch.Tensor, key: QueryKey) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """U·Vᵀ/√r for a matrix (built a band of rows at a time by the weight passes: Method.factors)."""
+        if like.dim() != 2:
+            return None
+        return self.u_factor(name, like, key), self.v_factor(name, like, self.epoch(key.step), key.seed), \
+            1 / math.sqrt(self.rank)
+
     def direction(self, name: str, like: torch.Tensor, key: QueryKey) -> torch.Tensor:
         if like.dim() != 2:
             return gaussian_like(like, tensor_seed(key, name))
-        u, v = self.u_factor(name, like, key), self.v_factor(name, like, self.epoch(key.step), key.seed)
-        return (u @ v.T).mul_(1 / math.sqrt(self.rank)).to(like.dtype)
+        return LowRankChunks(*self.factors(name, like, key)).whole(like.shape).to(like.dtype)
 
 
 class LowRankMomentum(ZOSGD):

@@ -33,7 +33,7 @@ import torch
 
 from ..engine import QueryKey, gaussian_like, tensor_seed
 from ..options import Options, setting
-from .base import register
+from .base import LowRankChunks, register
 from .lora import MeZOLoRA
 from .lozo import gaussian
 from .mezo import MeZO
@@ -74,13 +74,19 @@ class SubspaceDirections:
         cache[name] = (seed, epoch, u, v)
         return u, v
 
-    def direction(self, name: str, like: torch.Tensor, key: QueryKey) -> torch.Tensor:
+    def factors(self, name: str, like: torch.Tensor, key: QueryKey) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """√(mn)/r·(U·Z)·Vᵀ for a matrix (built a band of rows at a time by the weight passes: Method.factors)."""
         if like.dim() != 2:
-            return gaussian_like(like, tensor_seed(key, name))
+            return None
         u, v = self.bases(name, like, self.epoch(key.step), key.seed)
         r = u.shape[1]
         z = gaussian((r, r), tensor_seed(key, name, "subzero-Z"), like)
-        return (u @ z @ v.T).mul_(math.sqrt(like.shape[0] * like.shape[1]) / r).to(like.dtype)
+        return u @ z, v, math.sqrt(like.shape[0] * like.shape[1]) / r
+
+    def direction(self, name: str, like: torch.Tensor, key: QueryKey) -> torch.Tensor:
+        if like.dim() != 2:
+            return gaussian_like(like, tensor_seed(key, name))
+        return LowRankChunks(*self.factors(name, like, key)).whole(like.shape).to(like.dtype)
 
 
 @register
