@@ -15,8 +15,9 @@ every method), on SST-2 and two more tasks where SmolLM2-135M is above chance:
   beats AGZO, MeZO-LoRA, LOZO and SubZero at matched forward passes, and an int8
   base costs it nothing. Run: zoact (base dtype), zoact on an int8 base, agzo,
   mezo-lora (r = 8), lozo, subzero. AGZO, LOZO and SubZero train base weights,
-  so their base is fp32 whatever the CPU (``--dtype auto``; a ZO update of a
-  bf16 weight rounds away).
+  so their base is fp32 whatever the CPU (``--dtype auto`` keeps trained base
+  weights in fp32; bf16 would need stochastically rounded updates, a
+  different optimizer arithmetic from the other entries).
 
 Per (entry, task): the lr is picked by :func:`zotune.tune.tune` (probes on a dev
 split carved out of the training split, never the dev or test files) over the
@@ -308,8 +309,8 @@ def plan_entries(study: Study, device: str = "cpu") -> tuple[list[Entry], list[s
                      "fp32 contrast is the r = 64 comparison itself")
     if any(e.variant.precision == "base" and e.dtype == "float32" and e.variant.config in ("agzo", "lozo", "subzero")
            for e in entries.values()):
-        notes.append("agzo, lozo and subzero train base weights, so their base is fp32 (--dtype auto): a ZO update "
-                     "of a bf16 weight rounds away")
+        notes.append("agzo, lozo and subzero train base weights, so their base is fp32 (--dtype auto keeps trained "
+                     "base weights in fp32)")
     return list(entries.values()), notes
 
 
