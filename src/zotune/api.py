@@ -35,7 +35,7 @@ __all__ = ["ZOOptimizer", "ParamsMethod"]
 Closure = Callable[[], "float | torch.Tensor"]
 
 
-def _config(method: str, lr: float | None, eps: float | None, queries: int, optimizer: str, seed: int,
+def _config(method: str, lr: float | None, eps: float | None, queries: int | None, optimizer: str | None, seed: int,
             settings: dict[str, Any]) -> TrainConfig:
     """The TrainConfig ``zotune train`` would resolve for these settings (its defaults where None)."""
     eps = TrainConfig().eps if eps is None else eps
@@ -50,9 +50,10 @@ def _config(method: str, lr: float | None, eps: float | None, queries: int, opti
     if unknown:
         raise ZOError(f"unknown setting(s) {', '.join(unknown)}; ZOOptimizer takes TrainConfig fields "
                       f"(see `zotune train --help`), e.g. lora_r, lora_alpha, target_modules, weight_decay")
-    given = dict(method=method, eps=eps, queries=queries, optimizer=optimizer, seed=seed, **settings)
-    if lr is not None:  # else the method's own suggested lr, as `zotune train` without --lr
-        given["lr"] = lr
+    given = dict(method=method, eps=eps, seed=seed, **settings)
+    for name, value in (("lr", lr), ("queries", queries), ("optimizer", optimizer)):
+        if value is not None:  # else the method's own (its suggested lr, ...), as `zotune train` leaves them
+            given[name] = value
     return TrainConfig.from_dict(given, source="ZOOptimizer").validate()
 
 
@@ -119,13 +120,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             parameter), ``"mezo-lora"`` (attach peft LoRA, perturb all of A and B),
             ``"ar1zo"`` (attach LoRA, perturb one rank-1 atom per layer per step), or
             ``"params"`` (your own tensors, see ``params``).
-        lr: learning rate; None takes ``zotune train``'s default (1e-2, tuned for mezo-ln;
-            on SmolLM2 AR1-ZO was stable at 1.5e-2, MeZO-LoRA at 3e-3; full-parameter MeZO
-            wants ~1e-6 on real LMs).
+        lr: learning rate; None takes the method's own, as ``zotune train`` does
+            (``zotune methods``: zoact 2e-3, ar1zo 1.5e-2, mezo-lora 3e-3, full mezo 1e-6).
         eps: perturbation size ε; None takes ``zotune train``'s default.
-        queries: directions per step; each costs two forward passes.
+        queries: directions per step; each costs two forward passes. None: the method's own
+            (2 for zoact, 1 for the others).
         optimizer: how the slopes become updates: ``"sgd"``, ``"momentum"`` or ``"adam"``
-            (their state lives in the queried space).
+            (their state lives in the queried space). None: the method's own (Adam for zoact).
         seed: the run seed; every direction, and the LoRA initialisation of the
             LoRA-type methods, derive from it.
         params: only for ``method="params"``: a dict ``{name: tensor}``, an iterable
@@ -157,7 +158,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, method: str, *, lr: float | None = None, eps: float | None = None,
-                 queries: int = 1, optimizer: str = "sgd", seed: int = 0, params: ParamsSpec = None,
+                 queries: int | None = None, optimizer: str | None = None, seed: int = 0, params: ParamsSpec = None,
                  calibration: Calibration | None = None, **settings: Any):
         if not isinstance(model, nn.Module):
             raise ZOError(f"ZOOptimizer needs the model (an nn.Module), got {type(model).__name__}; "
