@@ -188,20 +188,32 @@ def add_direction_chunks_(v: torch.Tensor, seed: int, alpha: float, sr_seed: int
     ``chunk`` (default :data:`PASS_CHUNK` of the distribution) changes the speed, never the values.
     """
     make = direction_chunk(distribution)
-    chunk = PASS_CHUNK[distribution] if chunk is None else chunk
     n = v.numel()
-    gen = torch.Generator(device=v.device)
-    if sr_seed is not None and v.dtype in LOW_PRECISION:
-        return add_stochastic_(v, lambda a, b: make(seed, n, a, b, v.device, gen=gen), sr_seed,
-                               alpha=alpha, chunk=16 * BLOCK)
-    if not v.is_contiguous():
+    if not v.is_contiguous() and not (sr_seed is not None and v.dtype in LOW_PRECISION):
         return v.add_(direction_like(v, seed, distribution), alpha=alpha)
-    flat, chunk = v.view(-1), -(-chunk // BLOCK) * BLOCK
-    buf = torch.empty(min(n, chunk), dtype=torch.float32, device=v.device)
+    gen = torch.Generator(device=v.device)
+    chunk = -(-(PASS_CHUNK[distribution] if chunk is None else chunk) // BLOCK) * BLOCK
+    buf = torch.empty(min(n, chunk), dtype=torch.float32, device=v.device)  # reused by the round-to-nearest passes
+    return add_chunks_(v, lambda a, b: make(seed, n, a, b, v.device, out=buf if b - a <= buf.numel() else None,
+                                            gen=gen), alpha, sr_seed, chunk)
+
+
+def add_chunks_(v: torch.Tensor, z_of: Callable[[int, int], torch.Tensor], alpha: float,
+                sr_seed: int | None = None, chunk: int = CHUNK) -> torch.Tensor:
+    """``v += alpha * z`` where ``z_of(a, b)`` gives flat elements ``[a, b)`` of z (float32): every chunked
+    weight pass (regenerated directions, low-rank bands) goes through this one loop.
+
+    With ``sr_seed`` and a bfloat16/float16 ``v`` the sum is stochastically rounded (seeded by ``sr_seed``,
+    in passes of 16 blocks); otherwise ``v`` (contiguous) gets z rounded to its dtype and added, ``chunk``
+    elements at a time.
+    """
+    if sr_seed is not None and v.dtype in LOW_PRECISION:
+        return add_stochastic_(v, z_of, sr_seed, alpha=alpha, chunk=16 * BLOCK)
+    flat, n = v.view(-1), v.numel()
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        z = make(seed, n, start, stop, v.device, out=buf, gen=gen)
-        flat[start:stop].add_(z if v.dtype == torch.float32 else z.to(v.dtype), alpha=alpha)
+        z = z_of(start, stop)
+        flat[start:stop].add_(z if z.dtype == v.dtype else z.to(v.dtype), alpha=alpha)
     return v
 
 

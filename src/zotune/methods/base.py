@@ -25,8 +25,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..engine import (CHUNK, LOW_PRECISION, QueryKey, ZOEngine, add_direction_chunks_, direction_chunk, direction_like,
-                      tensor_seed)
+from ..engine import (CHUNK, LOW_PRECISION, QueryKey, ZOEngine, add_chunks_, add_direction_chunks_, direction_chunk,
+                      direction_like, tensor_seed)
 from ..errors import ZOError
 from ..options import NoOptions, Options
 
@@ -224,17 +224,7 @@ class Method:
             return
         low = self.factors(name, v, key) if v.dim() == 2 and v.is_contiguous() else None
         if low is not None:
-            z_of = LowRankChunks(*low)
-            if sr_seed is not None and v.dtype in LOW_PRECISION:
-                from ..rounding import add_stochastic_
-
-                add_stochastic_(v, z_of, sr_seed, alpha=alpha, chunk=16 * CHUNK)
-                return
-            flat = v.view(-1)
-            for a in range(0, flat.numel(), CHUNK):
-                b = min(flat.numel(), a + CHUNK)
-                z = z_of(a, b)
-                flat[a:b].add_(z if z.dtype == v.dtype else z.to(v.dtype), alpha=alpha)
+            add_chunks_(v, LowRankChunks(*low), alpha, sr_seed)
             return
         z = self.direction(name, v, key)
         if sr_seed is not None and v.dtype in LOW_PRECISION:
