@@ -248,9 +248,22 @@ class Cell:
     base: TrainConfig  # the full run at the first seed, lr = the grid's centre until the pick
     tune_out: Path
     runs_out: Path  # runs/<entry>__<task>: the seeds' run directories are this + __s<seed>
+    recorded: dict[int, dict] = field(default_factory=dict)  # seed -> its finished row in results.json
 
     def run_dir(self, seed: int) -> Path:
         return self.runs_out.with_name(f"{self.runs_out.name}__s{seed}")
+
+    def kept_row(self, seed: int, lr: float) -> dict | None:
+        """The finished row results.json holds for ``seed`` at ``lr`` when its run directory is absent.
+
+        Why: run directories hold adapters and calibration tensors that are not committed, so a
+        fresh checkout of ``benchmarks/results/regime`` has the rows of finished runs but not always
+        their folders; those runs count as done instead of being trained again.
+        """
+        row = self.recorded.get(seed)
+        if row is None or self.run_dir(seed).exists() or row.get("lr") != lr:  # a folder here speaks for itself
+            return None
+        return {**row, "kept_from": "results.json"}
 
 
 @dataclass
@@ -260,6 +273,18 @@ class Plan:
     entries: list[Entry]
     cells: list[Cell]
     notes: list[str]
+    other_rows: list[dict] = field(default_factory=list)  # results.json rows of cells outside this plan
+
+
+def read_ledger(out: Path) -> list[dict]:
+    """The run rows of the study's results.json in ``out`` (empty when there is none yet)."""
+    path = out / "results.json"
+    if not path.exists():
+        return []
+    try:
+        return list(json.loads(path.read_text()).get("runs", []))
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ZOError(f"{path}: not a regime results file ({exc}); move it away to start afresh") from None
 
 
 def resolve_dtype(variant: Variant, device: str = "cpu") -> str:
@@ -331,6 +356,7 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
     common = dict(study.settings)
     if common.get("model") == "tiny-random":
         common["model"] = str(bench.tiny_random_model(out / "tiny-random") if prepare else out / "tiny-random")
+    ledger = read_ledger(out)
     cells = []
     for task in study.tasks:
         data = task_settings(task, out, str(common.get("data_dir", "")), write=prepare)
@@ -349,8 +375,12 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
             cfg.eval_every = max(1, budget // (study.evals + 1) // per) if study.evals else 0
             probe = max(per, int(budget * study.probe_fraction))
             name = f"{bench.safe_name(entry.label)}__{bench.safe_name(label)}"
-            cells.append(Cell(entry, label, budget, probe, cfg, out / "tune" / name, out / "runs" / name))
-    return Plan(study, out, entries, cells, notes)
+            recorded = {r["seed"]: r for r in ledger
+                        if r.get("entry") == entry.label and r.get("task") == label and r.get("status") == "ok"}
+            cells.append(Cell(entry, label, budget, probe, cfg, out / "tune" / name, out / "runs" / name, recorded))
+    planned = {(c.entry.label, c.task) for c in cells}
+    others = [r for r in ledger if (r.get("entry"), r.get("task")) not in planned]
+    return Plan(study, out, entries, cells, notes, others)
 
 
 def run_config(cell: Cell, seed: int, lr: float) -> TrainConfig:
@@ -468,6 +498,10 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
     rows = []
     lr = chosen["lr"] if chosen else float("nan")
     for seed in seeds:
+        kept = cell.kept_row(seed, lr) if chosen else None
+        if kept:
+            rows.append(kept)
+            continue
         cfg = run_config(cell, seed, lr if chosen else cell.base.lr)
         run = bench.Run(bench.Entry(cell.entry.label, cell.entry.settings, lr, chosen is not None,
                                     str(tune_json or "")), cell.task, seed, cfg, Path(cfg.output_dir))
@@ -504,6 +538,10 @@ def run_cell(cell: Cell, study: Study, retry_failed: bool, say) -> list[dict]:
         say(f"{cell.entry.label} {cell.task}: every lr probe failed; no runs")
         return cell_rows(cell, study.seeds, None, grid, tune_json, errors)
     for seed in study.seeds:
+        if cell.kept_row(seed, chosen["lr"]):
+            say(f"{cell.entry.label} {cell.task} seed {seed}: finished (its row is in results.json, its run "
+                f"directory is not here)")
+            continue
         cfg = run_config(cell, seed, chosen["lr"])
         path = Path(cfg.output_dir)
         if retry_failed and (path / "failed.json").exists():
@@ -968,7 +1006,8 @@ def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
     picks = [{"entry": r["entry"], "task": r["task"], "grid": r["lr_grid"], "lr": r["lr"],
               "dev_after": r["lr_pick_dev"], "probe_forwards": r["probe_forwards"], "tune": r["tune"]}
              for r in rows if r["seed"] == p.study.seeds[0]]
-    record = {"title": header(p), "runs": rows, "picks": picks,
+    kept = rows + p.other_rows  # results.json keeps the rows of cells outside this plan (a narrower re-run)
+    record = {"title": header(p), "runs": kept, "picks": picks,
               "comparisons": [dataclasses.asdict(c) for c in comps], "cost_estimate": cost_info,
               "protocol": {"tasks": list(p.study.tasks), "seeds": list(p.study.seeds), "arms": list(p.study.arms),
                            "claims": list(p.study.claims), "ranks": list(p.study.ranks),
@@ -980,9 +1019,10 @@ def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
     import io
 
     flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items() if k != "curve"}
-            for r in rows]
+            for r in kept]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(flat[0]) if flat else ["method"])
+    fields = list(dict.fromkeys(k for r in flat for k in r)) or ["method"]
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(flat)
     _write(out / "results.csv", buf.getvalue())
