@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -155,10 +156,19 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_only_for_lora_type_met
     from zotune.hardware import pick_dtype
     from zotune.methods import get_method
 
-    for native, expected in ((False, torch.float32), (True, torch.bfloat16)):
+    # bf16 instructions are not enough: the CPU must also run a bf16 forward faster (AMX: 3.4x; a Xeon
+    # with avx512_bf16 and no AMX: 0.64x, benchmarks/results/precision_avx512bf16_no_amx.md)
+    for native, speedup, expected in ((False, 3.4, torch.float32), (True, 3.4, torch.bfloat16),
+                                      (True, 0.64, torch.float32)):
         monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(zotune.hardware, "cpu_bf16_speedup", lambda: speedup)
         picked = pick_dtype("auto", "cpu", get_method("ar1zo"))
-        assert picked.dtype == expected and "auto" in picked.reason and ("natively" in picked.reason) == native
+        assert picked.dtype == expected and picked.reason.startswith("auto: this CPU")
+        assert ("natively and fast" in picked.reason) == (expected == torch.bfloat16)
+        assert ("0.64x the speed of fp32" in picked.reason) == (native and speedup < 1)
+        # the regime study's protocol takes bf16 wherever the CPU has it (its subject is bf16's noise)
+        assert pick_dtype("auto", "cpu", get_method("ar1zo"), need_speedup=False).dtype == (
+            torch.bfloat16 if native else torch.float32)
         for method in ("mezo", "mezo-ln", "lozo", "agzo"):  # they train base weights or norms
             assert pick_dtype("auto", "cpu", get_method(method)).dtype == torch.float32
     assert pick_dtype("bfloat16", "cpu", get_method("mezo-lora")).dtype == torch.bfloat16
@@ -166,14 +176,36 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_only_for_lora_type_met
         assert pick_dtype("bfloat16", "cpu", get_method(method)).dtype == torch.bfloat16
 
 
+def test_the_bf16_speed_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path):
+    import zotune.hardware as hw
+
+    monkeypatch.setenv("ZOTUNE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(hw, "measure_bf16_speedup", lambda: calls.append(1) or 2.5)
+    assert hw.cpu_bf16_speedup() == 2.5 and hw.cpu_bf16_speedup() == 2.5 and len(calls) == 1
+    cache = json.loads((tmp_path / "cpu_bf16.json").read_text())
+    assert cache == {f"{hw.cpu_name()} torch {torch.__version__}": 2.5}  # keyed by CPU, its flags and torch
+    (tmp_path / "cpu_bf16.json").write_text("not json")  # a torn cache is measured again, not an error
+    assert hw.cpu_bf16_speedup() == 2.5 and len(calls) == 2
+
+
+def test_the_bf16_probe_times_a_real_block_in_both_dtypes():
+    from zotune.hardware import measure_bf16_speedup
+
+    threads = torch.get_num_threads()
+    speedup = measure_bf16_speedup(repeats=1)
+    assert math.isfinite(speedup) and 0.05 < speedup < 50  # a ratio of two real timings, either way round
+    assert torch.get_num_threads() == threads  # the probe's one thread is not left behind
+
+
 @pytest.mark.native_bf16
 def test_the_cpu_is_asked_through_torch_and_the_run_records_the_pick(tiny_llama, tmp_path, capsys):
     """Whatever this CPU has, a run with --dtype auto says what it picked and why, in config.yaml and
     the summary, and a resume uses the recorded dtype."""
     from zotune.cli import main
-    from zotune.hardware import cpu_has_native_bf16
+    from zotune.hardware import BF16_MIN_SPEEDUP, cpu_bf16_speedup, cpu_has_native_bf16
 
-    expected = "bfloat16" if cpu_has_native_bf16() else "float32"
+    expected = "bfloat16" if cpu_has_native_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "float32"
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_llama), "--method", "mezo-lora", "--train-size", "16", "--dev-size", "4",
             "--batch-size", "4", "--steps", "2", "--progress", "false", "--output-dir", str(out)]

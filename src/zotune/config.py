@@ -97,8 +97,9 @@ class TrainConfig:
     seed: int = _f(0, "run seed: data order, sampled splits and every direction derive from it")
     output_dir: str = _f("", "run directory; empty: runs/<task>-<method>-<time>")
     device: str = _f("auto", "cpu | cuda | auto")
-    dtype: str = _f("auto", "the frozen base's dtype: auto (bfloat16 where the device computes bf16 natively: a "
-                            "CUDA GPU with bf16, or a CPU with avx512_bf16/AMX; for methods whose trainable values "
+    dtype: str = _f("auto", "the frozen base's dtype: auto (bfloat16 where the device computes bf16 natively and "
+                            "fast: a CUDA GPU with bf16, or a CPU with avx512_bf16/AMX on which a bf16 block, timed "
+                            "once per machine, beats fp32; for methods whose trainable values "
                             "stay float32 (peft keeps LoRA factors in float32); float32 otherwise. The run directory "
                             "records what auto picked and why) | float32 | bfloat16")
     device_map: str = _f("", "place a model larger than one device with accelerate: auto | balanced | sequential "

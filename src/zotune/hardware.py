@@ -2,17 +2,30 @@
 
 Precision follows the hardware: a bf16 base only where the trainable values
 stay float32 (or are written without bias) and the device computes bf16
-natively. What was picked, and why, goes into the run's summary.
+natively *and fast*. On a CPU, bf16 instructions are not enough: with AMX a
+SmolLM2 forward is 3.4x faster in bf16, while a Xeon with avx512_bf16 but no
+AMX ran it at 0.64x of fp32 (benchmarks/results/precision*.md). So on a CPU
+``auto`` measures a small transformer block in both dtypes once per machine
+(cached) and takes bf16 only where it wins. What was picked, and why, goes
+into the run's summary.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
+import time
 from dataclasses import dataclass
 
 import torch
 
 from .errors import require
+
+#: bf16 must beat fp32 by this factor on the probe block before ``auto`` takes it on a CPU
+#: (below it, bf16's coarser evaluation would cost precision for no time saved).
+BF16_MIN_SPEEDUP = 1.15
 
 
 def pick_device(name: str) -> str:
@@ -30,6 +43,83 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its bf16-relevant flags: what the bf16 measurement is cached under."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f in {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"})
+    return f"{name} [{' '.join(isa)}]"
+
+
+def measure_bf16_speedup(repeats: int = 3) -> float:
+    """fp32 time / bf16 time of one forward of a 2-layer SmolLM2-shaped Llama (16 x 64 tokens, 1 thread).
+
+    Why a whole block and not a matmul: on a CPU with avx512_bf16 but no AMX the bf16 matmul is
+    about as fast as fp32 (1.09x) while the block (norms, softmax, conversions) is 0.63x, which is
+    what a real forward showed (0.64x). Timings are interleaved so a busy machine slows both alike.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+                              num_key_value_heads=3, vocab_size=1024)
+            models = {torch.float32: LlamaForCausalLM(cfg).eval()}
+            models[torch.bfloat16] = LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
+            ids = torch.randint(0, cfg.vocab_size, (16, 64))
+        times: dict[torch.dtype, list[float]] = {d: [] for d in models}
+        with torch.no_grad():
+            for i in range(repeats + 1):
+                for dtype, model in models.items():
+                    start = time.perf_counter()
+                    model(ids)
+                    if i:  # the first round warms up (oneDNN picks its kernels)
+                        times[dtype].append(time.perf_counter() - start)
+        median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        return median(times[torch.float32]) / median(times[torch.bfloat16])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cpu_bf16_speedup() -> float:
+    """:func:`measure_bf16_speedup` for this machine, measured once and kept in ``$ZOTUNE_HOME/cpu_bf16.json``
+    (keyed by CPU model, flags and torch version; delete the file to measure again)."""
+    from .models import zotune_home
+
+    path = zotune_home() / "cpu_bf16.json"
+    key = f"{cpu_name()} torch {torch.__version__}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    if isinstance(cache.get(key), (int, float)):
+        return float(cache[key])
+    speedup = measure_bf16_speedup()
+    cache[key] = round(speedup, 3)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=2))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return speedup
+
+
 @dataclass(frozen=True)
 class Precision:
     """The base weights' dtype and the reason it was chosen (printed in the run's summary)."""
@@ -42,8 +132,12 @@ class Precision:
         return str(self.dtype).removeprefix("torch.")
 
 
-def pick_dtype(name: str, device: str, method_cls) -> Precision:
-    """The base weights' dtype: bf16 only where the trainable values stay fp32 and the hardware is fast at it."""
+def pick_dtype(name: str, device: str, method_cls, need_speedup: bool = True) -> Precision:
+    """The base weights' dtype: bf16 only where the trainable values stay fp32 and the hardware is fast at it.
+
+    ``need_speedup=False`` takes bf16 wherever the CPU has bf16 instructions, fast or not (the regime
+    study's protocol: its subject is bf16's evaluation noise, not its speed).
+    """
     if name == "auto":
         if not method_cls.bf16_base or getattr(method_cls, "trains_base_dtype", False):
             return Precision(torch.float32, f"auto: {method_cls.name} trains base weights or norms, whose "
@@ -53,9 +147,16 @@ def pick_dtype(name: str, device: str, method_cls) -> Precision:
             if torch.cuda.is_bf16_supported():
                 return Precision(torch.bfloat16, "auto: this CUDA GPU computes bf16")
             return Precision(torch.float32, "auto: this CUDA GPU has no bf16")
-        if cpu_has_native_bf16():
+        if not cpu_has_native_bf16():
+            return Precision(torch.float32, "auto: this CPU has no native bf16 (no avx512_bf16/AMX)")
+        if not need_speedup:
             return Precision(torch.bfloat16, "auto: this CPU computes bf16 natively (avx512_bf16/AMX)")
-        return Precision(torch.float32, "auto: this CPU has no native bf16 (no avx512_bf16/AMX)")
+        speedup = cpu_bf16_speedup()
+        if speedup >= BF16_MIN_SPEEDUP:
+            return Precision(torch.bfloat16, f"auto: this CPU computes bf16 natively and fast (a bf16 forward "
+                                             f"measured {speedup:.2f}x as fast as fp32)")
+        return Precision(torch.float32, f"auto: this CPU has bf16 instructions but a bf16 forward measured "
+                                        f"{speedup:.2f}x the speed of fp32 (below {BF16_MIN_SPEEDUP}x), so fp32")
     require(name == "float32" or method_cls.bf16_base,
             f"--dtype bfloat16: method {method_cls.name!r} trains base weights or norms, whose ZO updates "
             f"(lr*g*z, often ~1e-6) vanish in bfloat16; use --dtype float32 or a LoRA-type method")

@@ -294,7 +294,7 @@ def resolve_dtype(variant: Variant, device: str = "cpu") -> str:
     if variant.precision == "fp32":
         return "float32"
     cls = get_method(QUERY_CONFIGS[variant.config][0]["method"])
-    return pick_dtype("auto", device, cls).name
+    return pick_dtype("auto", device, cls, need_speedup=False).name  # the protocol: bf16 wherever native
 
 
 def entry_label(v: Variant, dtype: str, arm: str) -> str:
