@@ -142,6 +142,11 @@ def test_paired_difference_interval_on_a_hand_computable_example():
     H, F, U = regime.HOLDS, regime.FAILS, regime.UNSURE
     assert regime.overall([H, H, U]) == H and regime.overall([H, U, U]) == U and regime.overall([H, H, F]) == "mixed"
     assert regime.overall([F, F, U]) == F and regime.overall([U, U, U]) == U
+    # no finished pair is no evidence: said as such, and it weighs like "cannot tell" beside results
+    N = regime.NOT_RUN
+    assert regime.verdict({"n": 0, "lo": float("nan"), "hi": float("nan")}) == N
+    assert regime.verdict({"n": 1, "lo": float("nan"), "hi": float("nan")}) == U
+    assert regime.overall([N, N]) == N and regime.overall([H, N, N]) == U and regime.overall([H, H, N]) == H
 
 
 # --------------------------------------------------------------------------------------- a shrunk study

@@ -719,9 +719,11 @@ def paired_interval(a: dict | list, b: dict | list, level: float = LEVEL) -> dic
 
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "cannot tell at this budget"
+NOT_RUN = "not run yet"  # no finished pair: no evidence either way (not "cannot tell", which is a result)
 RULE_BETTER = ("the claim's method minus the baseline, paired by seed (same training sample, batch order and test "
                "sample), 95% t-interval: **holds** if the interval lies above 0, **does not hold** if it lies "
-               "below 0, **cannot tell at this budget** if it contains 0 (or fewer than 2 pairs finished)")
+               "below 0, **cannot tell at this budget** if it contains 0 (or one pair finished); **not run yet** "
+               "where no pair has finished")
 RULE_NO_WORSE = (f"int8 base minus the method's own base, paired by seed, 95% t-interval: **holds** (no worse) if "
                  f"its lower end is above −{INT8_MARGIN:g}, **does not hold** if the whole interval is below 0 "
                  f"(and reaches below −{INT8_MARGIN:g}), else **cannot tell at this budget**")
@@ -732,6 +734,8 @@ RULE_TASKS = ("over tasks: **holds** if it holds on more than half of the tasks 
 
 def verdict(iv: dict, kind: str = "better", margin: float = INT8_MARGIN) -> str:
     lo, hi = iv["lo"], iv["hi"]
+    if not iv.get("n", 1):
+        return NOT_RUN
     if not (lo == lo and hi == hi):
         return UNSURE
     if kind == "better":
@@ -740,6 +744,8 @@ def verdict(iv: dict, kind: str = "better", margin: float = INT8_MARGIN) -> str:
 
 
 def overall(verdicts: list[str]) -> str:
+    if verdicts and all(v == NOT_RUN for v in verdicts):
+        return NOT_RUN
     held, failed = verdicts.count(HOLDS), verdicts.count(FAILS)
     if held > len(verdicts) / 2 and not failed:
         return HOLDS
@@ -927,7 +933,7 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
             lines.append(f"### {ARM_NAMES[arm]} arm")
             lines.append("")
             if not cs:
-                lines += [f"- {UNSURE}: not run (no entries for this arm)", ""]
+                lines += [f"- {NOT_RUN} (no entries for this arm)", ""]
                 continue
             primary = [c for c in cs if c.primary]
             finals = []
@@ -938,9 +944,7 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
                 per_task = "; ".join(f"{c.task} {_ci(c.interval)}: {c.verdict}" for c in gs)
                 lines.append(f"- **{gs[0].what}** — **{v}** ({per_task})")
             if finals:
-                claim_v = HOLDS if all(v == HOLDS for v in finals) else \
-                    FAILS if all(v == FAILS for v in finals) else \
-                    UNSURE if all(v == UNSURE for v in finals) else "partly: " + ", ".join(
+                claim_v = finals[0] if len(set(finals)) == 1 else "partly: " + ", ".join(
                         f"{c}: {v}" for c, v in zip(dict.fromkeys(c.group for c in primary), finals))
                 lines.append(f"- the claim in the {ARM_NAMES[arm]} arm: **{claim_v}**")
             for c in [c for c in cs if not c.primary]:
