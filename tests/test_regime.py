@@ -292,28 +292,23 @@ def test_a_fresh_checkout_without_run_directories_trains_nothing_again(shrunk, t
     narrower re-run (one method) keeps the other cells' rows."""
     import shutil
 
-    out, _, _ = shrunk
-    fresh = out  # the same folder (probes name their model's path), its runs/ moved away for the test
+    out, _, _ = shrunk  # the same folder (probes name their model's path), its runs/ moved away for the test
     saved = tmp_path / "saved"
     shutil.copytree(out, saved)
     shutil.rmtree(out / "runs")
+    rows = lambda: {(r["entry"], r["seed"]): (r["lr"], r["test"])  # noqa: E731
+                    for r in json.loads((out / "results.json").read_text())["runs"]}
     try:
-        check_fresh_checkout(fresh)
+        before = rows()
+        log: list[str] = []
+        regime.run_study(regime.Study(**{**SHRUNK, "methods": ("zoact",)}), out, say=log.append)
+        assert not any(": trained" in line or ": resumed" in line for line in log), log
+        assert sum("its row is in results.json" in line for line in log) == 2  # zoact's two seeds
+        assert not (out / "runs").exists()
+        assert rows() == before  # nothing lost, nothing changed
+        record = json.loads((out / "results.json").read_text())
+        assert all(r["status"] == "ok" for r in record["runs"])
+        assert {r["kept_from"] for r in record["runs"] if r["entry"] == "zoact-fp32-sgd"} == {"results.json"}
     finally:  # the module's other tests see the study as it was
         shutil.rmtree(out)
         shutil.copytree(saved, out)
-
-
-def check_fresh_checkout(fresh: Path) -> None:
-    rows = lambda: {(r["entry"], r["seed"]): (r["lr"], r["test"])  # noqa: E731
-                    for r in json.loads((fresh / "results.json").read_text())["runs"]}
-    before = rows()
-    log: list[str] = []
-    regime.run_study(regime.Study(**{**SHRUNK, "methods": ("zoact",)}), fresh, say=log.append)
-    assert not any(": trained" in line or ": resumed" in line for line in log), log
-    assert sum("its row is in results.json" in line for line in log) == 2  # zoact's two seeds
-    assert not (fresh / "runs").exists()
-    assert rows() == before  # nothing lost, nothing changed
-    record = json.loads((fresh / "results.json").read_text())
-    assert all(r["status"] == "ok" for r in record["runs"])
-    assert {r["kept_from"] for r in record["runs"] if r["entry"] == "zoact-fp32-sgd"} == {"results.json"}

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -87,8 +88,7 @@ def measure_bf16_speedup(repeats: int = 3) -> float:
                     model(ids)
                     if i:  # the first round warms up (oneDNN picks its kernels)
                         times[dtype].append(time.perf_counter() - start)
-        median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-        return median(times[torch.float32]) / median(times[torch.bfloat16])
+        return statistics.median(times[torch.float32]) / statistics.median(times[torch.bfloat16])
     finally:
         torch.set_num_threads(threads)
 
