@@ -16,7 +16,6 @@ training starts.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
 import shutil
@@ -33,7 +32,6 @@ from hypothesis import strategies as st
 import zotune.evaluate
 import zotune.setup
 from zotune.cli import main, setting_fields
-from zotune.config import TrainConfig
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 FIELDS = list(setting_fields())  # TrainConfig fields and every method's options

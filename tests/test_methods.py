@@ -11,7 +11,7 @@ from zotune.config import TrainConfig
 from zotune.engine import ZOEngine
 from zotune.errors import ZOError
 from zotune.evaluate import Scorer
-from zotune.methods import METHODS, Method, get_method
+from zotune.methods import get_method
 from zotune.models import load_model
 from zotune.optim import ZOSGD
 

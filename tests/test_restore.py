@@ -3,7 +3,6 @@ chunked Gaussian directions; bfloat16 full-weight updates with seeded stochastic
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

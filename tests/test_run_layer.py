@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from zotune.bench import step_cost_ratio
 from zotune.cli import main

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import atomic
 from .config import TrainConfig
 from .errors import ZOError, require
 
@@ -502,7 +503,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def write_outputs(rows: list[dict], out: Path, title: str) -> None:
-    (out / "results.json").write_text(json.dumps({"title": title, "runs": rows}, indent=2))
+    atomic.write_text(out / "results.json", json.dumps({"title": title, "runs": rows}, indent=2))
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["method"])

@@ -13,7 +13,6 @@ into the run's summary.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import atomic
 from .errors import require
 
 #: bf16 must beat fp32 by this factor on the probe block before ``auto`` takes it on a CPU
@@ -112,9 +112,7 @@ def cpu_bf16_speedup() -> float:
     cache[key] = round(speedup, 3)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=2))
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(cache, indent=2))
     except OSError:  # a read-only home: measure again next time
         pass
     return speedup

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import statistics
 import sys
@@ -56,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import bench
+from . import atomic, bench
 from .config import TrainConfig
 from .diagnostics.grad_cosine import QUERY_CONFIGS
 from .errors import ZOError, require
@@ -202,9 +201,7 @@ def resplit_task(task: str, folder: Path, data_dir: str = "", write: bool = True
         start = 0
         for name, n in parts:
             text = "".join(json.dumps({"text": e.prompt, "label": e.label}) + "\n" for e in examples[start:start + n])
-            tmp = paths[name].with_suffix(".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, paths[name])
+            atomic.write_text(paths[name], text)
             start += n
         verbalizer = ",".join(f"{i}={c.strip()}" for i, c in enumerate(cands))
     else:
@@ -594,7 +591,7 @@ def diagnostics(p: Plan, task: str, say) -> list[dict]:
     gc.write_outputs(rows, folder, f"gradient cosine on {task}")
     saved = json.loads(path.read_text())
     saved["params"] = params
-    path.write_text(json.dumps(saved, indent=2))
+    atomic.write_text(path, json.dumps(saved, indent=2))
     return rows
 
 
@@ -882,7 +879,7 @@ def header(p: Plan) -> str:
 
 
 def tables(p: Plan, rows: list[dict], comps: list[Comparison]) -> str:
-    lines = [f"# Regime study: tables", "", header(p), "",
+    lines = ["# Regime study: tables", "", header(p), "",
              "Test = accuracy on the held-out test split of the best-dev checkpoint; mean ± std over seeds (runs "
              "that failed left out). Differences are paired by seed; the interval is the 95% t-interval of the "
              "mean paired difference. lr grid: the values zotune tune probed (→ the pick; '(edge)': still at the "
@@ -997,12 +994,6 @@ def g_table(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
     out = p.out
     comps = comparisons(p, rows)
@@ -1018,7 +1009,7 @@ def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
                            "budgets": {bench.task_label(t): p.study.budget_for(t) for t in p.study.tasks},
                            "probe_fraction": p.study.probe_fraction, "settings": p.study.settings},
               "notes": p.notes}
-    _write(out / "results.json", json.dumps(record, indent=2))
+    atomic.write_text(out / "results.json", json.dumps(record, indent=2))
     import csv
     import io
 
@@ -1029,10 +1020,10 @@ def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(flat)
-    _write(out / "results.csv", buf.getvalue())
-    _write(out / "tables.md", tables(p, rows, comps))
-    _write(out / "verdicts.md", verdicts_md(p, comps, cost_info))
-    _write(out / "g_summary.md", g_table(p, rows, diag))
+    atomic.write_text(out / "results.csv", buf.getvalue())
+    atomic.write_text(out / "tables.md", tables(p, rows, comps))
+    atomic.write_text(out / "verdicts.md", verdicts_md(p, comps, cost_info))
+    atomic.write_text(out / "g_summary.md", g_table(p, rows, diag))
     for claim in p.study.claims:
         for arm in p.study.arms:
             sel = [{**r, "method": r["entry"].removesuffix(f"-{arm}")} for r in rows

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import yaml
 
+from . import atomic
 from .config import TrainConfig
 from .errors import ZOError, require
 
@@ -224,9 +225,7 @@ class RunDir:
     def _write_text(self, name: str, text: str) -> None:
         if not self.writable:
             return
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.path / name)
+        atomic.write_text(self.path / name, text)
 
 
 class Logs:

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
 
+from . import atomic
 from .bench import same_config as check_same_config, steps_for_budget
 from .config import TrainConfig
 from .errors import ZOError, require
@@ -271,7 +271,7 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
     is trained.
     """
     from .methods import get_method
-    from .train import Summary, data_name, train
+    from .train import Summary, data_name
 
     require(int(os.environ.get("WORLD_SIZE", "1")) <= 1,
             "zotune tune runs in one process; under torchrun, train the picked lr with zotune train")
@@ -324,7 +324,7 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
         "total_forward_passes": total, "train_run": None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tune.json").write_text(json.dumps(record, indent=2))
+    atomic.write_text(out / "tune.json", json.dumps(record, indent=2))
     text = "\n".join(lines)
     result = TuneResult(rows, chosen, text, out)
     if not train_after or chosen is None:  # no pick: the caller says so (the CLI after printing the table)
@@ -336,6 +336,6 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
     if error:
         raise ZOError(f"the full run at the picked lr {chosen['lr']:g} failed: {error}")
     record["train_run"] = final.output_dir
-    (out / "tune.json").write_text(json.dumps(record, indent=2))
+    atomic.write_text(out / "tune.json", json.dumps(record, indent=2))
     result.summary = Summary(**json.loads((Path(final.output_dir) / "summary.json").read_text()))
     return result

