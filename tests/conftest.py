@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -96,6 +97,23 @@ def synthetic_examples(n: int, seed: int = 0) -> list[Example]:
 
 
 PROBE_IDS = torch.tensor([[2, 7, 8, 11, 12, 9]])
+
+
+def second_forward_spoilt(loss: Callable[[], object], spoil: Exception | float) -> Callable[[], object]:
+    """``loss``, except that its second call -- a ZO step's forward at θ − εz, with the weights
+    perturbed -- raises ``spoil`` (an exception) or returns it (a NaN): the two ways a step can
+    die half-way, after which the weights must be back where they were."""
+    calls = []
+
+    def spoilt():
+        calls.append(1)
+        if len(calls) != 2:
+            return loss()
+        if isinstance(spoil, Exception):
+            raise spoil
+        return spoil
+
+    return spoilt
 
 
 def assert_peft_round_trip(model, base_dir: Path, adapter_dir: Path) -> torch.Tensor:

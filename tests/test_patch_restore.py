@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import synthetic_examples
+from conftest import second_forward_spoilt, synthetic_examples
 from zotune.cli import main
 from zotune.config import TrainConfig
 from zotune.engine import ZOEngine
@@ -154,21 +154,11 @@ def test_a_failing_forward_or_a_non_finite_loss_under_patch_restores_exactly(tin
     _, scorer, method = prepared(tiny_llama)
     before = state(method)
     engine = ZOEngine(method, ZOSGD(), eps=1e-2, seed=4)
-    calls = []
-
-    def failing():
-        calls.append(1)
-        if len(calls) == 2:  # the forward at theta - eps z
-            raise RuntimeError("boom")
-        return scorer.loss_tensor(BATCH)
-
     with pytest.raises(RuntimeError, match="boom"):
-        engine.step(failing, 1e-3)
+        engine.step(second_forward_spoilt(lambda: scorer.loss_tensor(BATCH), RuntimeError("boom")), 1e-3)
     assert bit_equal(before, method)
-    calls.clear()
     with pytest.raises(FloatingPointError):  # the deferred (fused) restore pass runs alone
-        engine.step(lambda: calls.append(1) or (float("nan") if len(calls) == 2 else scorer.loss_tensor(BATCH)),
-                    1e-3)
+        engine.step(second_forward_spoilt(lambda: scorer.loss_tensor(BATCH), float("nan")), 1e-3)
     assert bit_equal(before, method)
 
 
