@@ -312,3 +312,29 @@ def test_a_fresh_checkout_without_run_directories_trains_nothing_again(shrunk, t
     finally:  # the module's other tests see the study as it was
         shutil.rmtree(out)
         shutil.copytree(saved, out)
+
+
+def test_two_narrower_runs_sharing_an_out_keep_each_others_rows(shrunk, tmp_path):
+    """One method per core, one --out: each writes results.json after every cell, and neither may
+    drop the rows the other finished after it started (they are the record once run folders go)."""
+    import shutil
+
+    out, _, _ = shrunk
+    saved = tmp_path / "saved"
+    shutil.copytree(out, saved)
+    path = out / "results.json"
+    record = json.loads(path.read_text())
+    zoact = [r for r in record["runs"] if r["entry"] == "zoact-fp32-sgd"]
+    assert zoact and all(r["status"] == "ok" for r in zoact)
+    path.write_text(json.dumps({**record, "runs": [r for r in record["runs"] if r not in zoact]}))
+    try:
+        first = regime.plan(regime.Study(**{**SHRUNK, "methods": ("zoact",)}), out)
+        second = regime.plan(regime.Study(**{**SHRUNK, "methods": ("ar1zo",)}), out)  # made before zoact finished
+        regime.write_all(first, regime.collect(first, {}), {})
+        regime.write_all(second, regime.collect(second, {}), {})
+        entries = {(r["entry"], r["seed"]) for r in json.loads(path.read_text())["runs"]}
+        assert {(r["entry"], r["seed"]) for r in zoact} <= entries
+        assert entries == {(r["entry"], r["seed"]) for r in record["runs"]}
+    finally:
+        shutil.rmtree(out)
+        shutil.copytree(saved, out)

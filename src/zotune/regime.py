@@ -270,7 +270,13 @@ class Plan:
     entries: list[Entry]
     cells: list[Cell]
     notes: list[str]
-    other_rows: list[dict] = field(default_factory=list)  # results.json rows of cells outside this plan
+
+    def other_rows(self) -> list[dict]:
+        """The rows of results.json for cells outside this plan, read when results.json is written, not
+        when the plan was made: two narrower runs sharing one --out (a method per core) then keep each
+        other's finished rows instead of the ones that were there when each of them started."""
+        planned = {(c.entry.label, c.task) for c in self.cells}
+        return [r for r in read_ledger(self.out) if (r.get("entry"), r.get("task")) not in planned]
 
 
 def read_ledger(out: Path) -> list[dict]:
@@ -375,9 +381,7 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
             recorded = {r["seed"]: r for r in ledger
                         if r.get("entry") == entry.label and r.get("task") == label and r.get("status") == "ok"}
             cells.append(Cell(entry, label, budget, probe, cfg, out / "tune" / name, out / "runs" / name, recorded))
-    planned = {(c.entry.label, c.task) for c in cells}
-    others = [r for r in ledger if (r.get("entry"), r.get("task")) not in planned]
-    return Plan(study, out, entries, cells, notes, others)
+    return Plan(study, out, entries, cells, notes)
 
 
 def run_config(cell: Cell, seed: int, lr: float) -> TrainConfig:
@@ -1001,7 +1005,7 @@ def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
     picks = [{"entry": r["entry"], "task": r["task"], "grid": r["lr_grid"], "lr": r["lr"],
               "dev_after": r["lr_pick_dev"], "probe_forwards": r["probe_forwards"], "tune": r["tune"]}
              for r in rows if r["seed"] == p.study.seeds[0]]
-    kept = rows + p.other_rows  # results.json keeps the rows of cells outside this plan (a narrower re-run)
+    kept = rows + p.other_rows()  # results.json keeps the rows of cells outside this plan (a narrower re-run)
     record = {"title": header(p), "runs": kept, "picks": picks,
               "comparisons": [dataclasses.asdict(c) for c in comps], "cost_estimate": cost_info,
               "protocol": {"tasks": list(p.study.tasks), "seeds": list(p.study.seeds), "arms": list(p.study.arms),
