@@ -500,7 +500,7 @@ def test_peak_rss_of_the_offloaded_model_stays_within_the_budget():
              for mode, mm in (("memory", ""), ("offload", CAP))}
     runs = {}
     for mode, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=900)  # a hang guard, not a speed check: a loaded 2-core CI box took > 120 s
         assert proc.returncode == 0, err[-2000:]
         runs[mode] = json.loads(out.strip().splitlines()[-1])
     mem, off = runs["memory"], runs["offload"]
