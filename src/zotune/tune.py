@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from . import atomic
 from .bench import same_config as check_same_config, steps_for_budget
 from .config import TrainConfig
