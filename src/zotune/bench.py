@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
+import io
 import json
 import random
 import re
@@ -415,7 +416,7 @@ def run_bench(preset: Preset, out: Path, retry_failed: bool = False, say=print) 
                 say(f"[{i}/{len(runs)}] {key}: forward time not measured ({exc})")
             if times_path.exists():  # another bench process on the same --out may have added keys since
                 forward_times = {**json.loads(times_path.read_text()), **forward_times}
-            times_path.write_text(json.dumps(forward_times, indent=2))
+            atomic.write_text(times_path, json.dumps(forward_times, indent=2))
         what, summary, error = run_one(run, retry_failed)
         r = row(run, summary, error, forward_times.get(key))
         r["curve"] = dev_curve(run)  # a failed run keeps the evaluations it made
@@ -502,14 +503,25 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def csv_text(rows: list[dict]) -> str:
+    """results.csv: one line per run, without the dev curve; lists and dicts as JSON, and every field any
+    row has (rows kept from an older results.json may lack newer fields)."""
+    flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items() if k != "curve"}
+            for r in rows]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in flat for k in r)) or ["method"],
+                            restval="")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buf.getvalue()
+
+
 def write_outputs(rows: list[dict], out: Path, title: str) -> None:
+    """results.json, results.csv, results.md and dev_curves.png; each file is replaced whole (atomic.py),
+    so a bench killed while writing leaves the previous version, not half a file."""
     atomic.write_text(out / "results.json", json.dumps({"title": title, "runs": rows}, indent=2))
-    flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["method"])
-        writer.writeheader()
-        writer.writerows(flat)
-    (out / "results.md").write_text(markdown(rows, title))
+    atomic.write_text(out / "results.csv", csv_text(rows))
+    atomic.write_text(out / "results.md", markdown(rows, title))
     plot(rows, out / "dev_curves.png", title)
 
 

@@ -64,9 +64,10 @@ def cpu_name() -> str:
 def measure_bf16_speedup(repeats: int = 3) -> float:
     """fp32 time / bf16 time of one forward of a 2-layer SmolLM2-shaped Llama (16 x 64 tokens, 1 thread).
 
-    Why a whole block and not a matmul: on a CPU with avx512_bf16 but no AMX the bf16 matmul is
-    about as fast as fp32 (1.09x) while the block (norms, softmax, conversions) is 0.63x, which is
-    what a real forward showed (0.64x). Timings are interleaved so a busy machine slows both alike.
+    Why a whole block and not a matmul: on a CPU with avx512_bf16 but no AMX a bf16 matmul gains
+    little over fp32, while norms, softmax and dtype conversions lose, and a real SmolLM2 forward
+    there took 0.64x the speed of fp32 (benchmarks/results/precision_avx512bf16_no_amx.md); only the
+    block as a whole predicts that. Timings are interleaved so a busy machine slows both alike.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -1014,17 +1014,7 @@ def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
                            "probe_fraction": p.study.probe_fraction, "settings": p.study.settings},
               "notes": p.notes}
     atomic.write_text(out / "results.json", json.dumps(record, indent=2))
-    import csv
-    import io
-
-    flat = [{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items() if k != "curve"}
-            for r in kept]
-    buf = io.StringIO()
-    fields = list(dict.fromkeys(k for r in flat for k in r)) or ["method"]
-    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
-    writer.writeheader()
-    writer.writerows(flat)
-    atomic.write_text(out / "results.csv", buf.getvalue())
+    atomic.write_text(out / "results.csv", bench.csv_text(kept))
     atomic.write_text(out / "tables.md", tables(p, rows, comps))
     atomic.write_text(out / "verdicts.md", verdicts_md(p, comps, cost_info))
     atomic.write_text(out / "g_summary.md", g_table(p, rows, diag))
