@@ -149,6 +149,20 @@ def test_paired_difference_interval_on_a_hand_computable_example():
     assert regime.overall([N, N]) == N and regime.overall([H, N, N]) == U and regime.overall([H, H, N]) == H
 
 
+def test_g_summary_sets_bf16_slopes_beside_fp32_slopes_of_the_same_method_and_rank():
+    def row(entry, dtype, g, status="ok", config="atom-canonical", rank=64):
+        return {"task": "t", "arm": "sgd", "entry": entry, "config": config, "rank": rank, "dtype": dtype,
+                "status": status, "g_abs_early": g}
+
+    groups = {("t", "sgd", "a-bf16"): [row("a-bf16", "bfloat16", 0.3), row("a-bf16", "bfloat16", 0.5)],
+              ("t", "sgd", "a-fp32"): [row("a-fp32", "float32", 0.04), row("a-fp32", "float32", float("nan"), "failed")],
+              ("t", "sgd", "z-bf16"): [row("z-bf16", "bfloat16", 3.0, config="zoact", rank=0)]}
+    lines = regime.contrast_g_lines(groups)
+    table = [ln for ln in lines if ln.startswith("| t |")]
+    assert table == ["| t | sgd | atom-canonical | 64 | 0.4 | 0.04 | 10.0 |"]  # zoact has no fp32 twin: no row
+    assert regime.contrast_g_lines({("t", "sgd", "z-bf16"): groups[("t", "sgd", "z-bf16")]}) == []
+
+
 # --------------------------------------------------------------------------------------- a shrunk study
 
 SHRUNK = dict(tasks=("synthetic",), seeds=(0, 1), arms=("sgd",), claims=("ar1", "zoact"), ranks=(2, 4),

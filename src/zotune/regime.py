@@ -37,7 +37,7 @@ Output folder::
     diagnostics/<task>/            grad_cosine.{json,csv,png}: cos(ĝ_n, ∇) against n and r, bf16 noise floor
     results.json, results.csv      one row per run (bench's format + claim, arm, rank, dtype, |g| summary)
     tables.md                      per claim and arm: mean ± std over seeds, paired differences with 95% intervals
-    g_summary.md                   per-step |g| (early, late) against the bf16 noise floor
+    g_summary.md                   per-step |g| (early, late) against the bf16 noise floor, and bf16 against fp32
     verdicts.md                    holds / does not hold / cannot tell, by the rule written at its top
     curves_<claim>_<arm>.png       dev accuracy against forward passes, one panel per task
 """
@@ -960,6 +960,32 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def contrast_g_lines(groups: dict[tuple, list[dict]]) -> list[str]:
+    """|g| early in bf16 against fp32 for the same method, rank, task and arm (the fp32 contrast's cells).
+
+    Why: the runs themselves measure the noise floor's share. Near the init point both bases follow
+    the same loss surface, so the fp32 run's early |g| is the slope's true size and a bf16 early |g|
+    many times larger is mostly rounding (the diagnostics measure the same at one point; this covers
+    every configuration the study ran in both precisions, without another pass)."""
+    early: dict[tuple, dict[str, float]] = {}
+    for (task, arm, _), rs in groups.items():
+        ok = [r["g_abs_early"] for r in rs if r["status"] == "ok" and r["g_abs_early"] == r["g_abs_early"]]
+        if ok:
+            key = (task, arm, rs[0]["config"], rs[0]["rank"], rs[0].get("quantize", "none"))
+            early.setdefault(key, {})[rs[0]["dtype"]] = statistics.mean(ok)
+    pairs = {k: v for k, v in early.items() if {"bfloat16", "float32"} <= v.keys()}
+    if not pairs:
+        return []
+    lines = ["", "## bf16 against fp32 for the same method and rank (early |g|, finished seeds)", "",
+             "bf16 / fp32 well above 1 means most of the bf16 slope near init is rounding, not signal.", "",
+             "| task | arm | config | r | |g| early bf16 | |g| early fp32 | bf16 / fp32 |", "|---|---|---|---|---|---|---|"]
+    for (task, arm, config, rank, _), v in pairs.items():
+        b, f = v["bfloat16"], v["float32"]
+        lines.append(f"| {task} | {arm} | {config} | {rank or '-'} | {_num(b, '.3g')} | {_num(f, '.3g')} | "
+                     f"{_num(b / f if f > 0 else float('nan'), '.1f')} |")
+    return lines
+
+
 def g_table(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> str:
     lines = ["# Per-step |g| and the bf16 noise floor", "",
              "|g| = the step's mean |slope| over its queries (metrics.jsonl), median over the first 10%, the last "
@@ -984,6 +1010,7 @@ def g_table(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> str:
         lines.append(f"| {task} | {arm} | {entry} | {_num(mean('g_abs_early'), '.3g')} | {_num(late, '.3g')} | "
                      f"{_num(mean('g_abs_median'), '.3g')} | {_num(floor, '.3g')} | "
                      f"{_num(late / floor if floor == floor and floor > 0 else float('nan'), '.1f')} |")
+    lines += contrast_g_lines(groups)
     if diag:
         lines += ["", "## Gradient cosine at the largest n (diagnostics/<task>/grad_cosine.png)", "",
                   "| task | config | r | point | dtype | n | cos (queried) | cos (all trainable) | Gaussian ref | "
