@@ -221,6 +221,15 @@ def test_a_shrunk_study_writes_tables_pngs_and_verdicts(shrunk):
     for text in ("## AR1-ZO", "## ZO-Act", "### ZO-SGD arm", "| synthetic | ar1zo | 4 | float32 |",
                  "ar1zo − mezo-lora at r=4, fp32", "zoact (fp32) − mezo-lora (fp32)", "95% interval"):
         assert text in tables, text
+    # each seed's own test split, scored untrained, is the reference each run's gain is read against
+    zs = json.loads((out / "zero_shot.json").read_text())
+    assert {(z["task"], z["dtype"], z["seed"]) for z in zs} == {("synthetic", "float32", 0), ("synthetic", "float32", 1)}
+    assert all(0 <= z["test"] <= 1 and z["n_test"] == 32 for z in zs)
+    assert "Zero-shot (no training) on each seed's test split" in tables and "| synthetic | float32 | 2 |" in tables
+    row = next(ln for ln in tables.splitlines() if ln.startswith("| synthetic | ar1zo | 4 | float32 |"))
+    runs = [r for r in json.loads((out / "results.json").read_text())["runs"] if r["entry"] == "ar1zo-r4-fp32-sgd"]
+    gain = sum(r["test"] - next(z["test"] for z in zs if z["seed"] == r["seed"]) for r in runs) / len(runs)
+    assert row.endswith(f" {gain:+.3f} |")
     verdicts = (out / "verdicts.md").read_text()
     assert regime.RULE_BETTER in verdicts and regime.RULE_TASKS in verdicts
     primary = [line for line in verdicts.splitlines() if line.startswith("- **")]
@@ -245,11 +254,13 @@ def test_a_rerun_skips_finished_work_and_resumes_a_killed_run(shrunk):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/*/summary.json")}  # runs and probes
     stamps.update({p: p.stat().st_mtime_ns for p in out.glob("tune/*/probes/*/summary.json")})
     diag = (out / "diagnostics/synthetic/grad_cosine.json").stat().st_mtime_ns
+    zero = (out / "zero_shot.json").stat().st_mtime_ns
     log: list[str] = []
     regime.run_study(regime.Study(**SHRUNK), out, say=log.append)
     assert sum(": resumed" in line for line in log) == 1 and not any(": trained" in line for line in log)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing finished was trained again
     assert (out / "diagnostics/synthetic/grad_cosine.json").stat().st_mtime_ns == diag
+    assert (out / "zero_shot.json").stat().st_mtime_ns == zero and not any("zero-shot" in ln for ln in log)
     after = {r["run_dir"]: r["test"] for r in json.loads((out / "results.json").read_text())["runs"]}
     assert after == before  # the resumed run ends exactly where the first one did
 

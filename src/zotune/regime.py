@@ -35,6 +35,7 @@ Output folder::
     tune/<entry>__<task>/          zotune tune's probes and tune.json (the grid, every probe, the pick)
     runs/<entry>__<task>__s<seed>/  the full runs
     diagnostics/<task>/            grad_cosine.{json,csv,png}: cos(ĝ_n, ∇) against n and r, bf16 noise floor
+    zero_shot.json                 the untrained base's accuracy on each seed's test split, per dtype
     results.json, results.csv      one row per run (bench's format + claim, arm, rank, dtype, |g| summary)
     tables.md                      per claim and arm: mean ± std over seeds, paired differences with 95% intervals
     g_summary.md                   per-step |g| (early, late) against the bf16 noise floor, and bf16 against fp32
@@ -609,6 +610,11 @@ def run_study(study: Study, out: Path, retry_failed: bool = False, say=print) ->
     diag: dict[str, list[dict]] = {}
     rows_by_cell: dict[int, list[dict]] = {}
     for t_index, task in enumerate(study.tasks):
+        if t_index % n == k:
+            try:
+                zero_shot(p, task, say)
+            except Exception as exc:  # a reference point, like the diagnostics: never at the runs' cost
+                say(f"zero-shot evaluation on {task} failed ({type(exc).__name__}: {exc}); the runs go on")
         if study.diagnostics and t_index % n == k:
             try:
                 diag[bench.task_label(task)] = diagnostics(p, task, say)
@@ -627,6 +633,55 @@ def run_study(study: Study, out: Path, retry_failed: bool = False, say=print) ->
     rows = collect(p, rows_by_cell)
     write_all(p, rows, read_diagnostics(p, diag))
     return {"rows": rows, "diagnostics": read_diagnostics(p, diag), "plan": p}
+
+
+def zero_shot(p: Plan, task: str, say) -> list[dict]:
+    """The untrained base's accuracy on each seed's own test split, per base dtype (cached in zero_shot.json).
+
+    Why: every seed samples its own 500 test examples, and their zero-shot accuracy differs by a few
+    points (0.554 and 0.576 on two seeds of Rotten Tomatoes), so "did the run move" is read against
+    the same seed's split, paired, not against one dev number. One evaluation per (dtype, seed)."""
+    import torch
+
+    from .evaluate import Scorer
+    from .hardware import pick_device
+    from .metrics import score_split
+    from .models import load_model
+    from .setup import load_data
+
+    label = bench.task_label(task)
+    path = p.out / "zero_shot.json"
+    saved = json.loads(path.read_text()) if path.exists() else []
+    have = {(r["task"], r["dtype"], r["seed"]) for r in saved}
+    cells = {c.entry.dtype: c for c in p.cells if c.task == label and c.entry.variant.quantize == "none"
+             and c.entry.dtype in ("bfloat16", "float32")}
+    for dtype, cell in sorted(cells.items()):
+        todo = [s for s in p.study.seeds if (label, dtype, s) not in have]
+        if not todo:
+            continue
+        cfg = run_config(cell, todo[0], cell.base.lr)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        model, tok, _ = load_model(cfg.model, getattr(torch, dtype), pick_device(cfg.device))
+        scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
+                        micro_batch_size=cfg.micro_batch_size)
+        for seed in todo:
+            data = load_data(run_config(cell, seed, cell.base.lr))
+            acc = score_split(scorer, data.test, cfg.eval_batch_size).value
+            saved.append({"task": label, "dtype": dtype, "seed": seed, "test": acc, "n_test": len(data.test)})
+            say(f"zero-shot {label} ({dtype}) seed {seed}: test {acc:.3f} on {len(data.test)} examples")
+            atomic.write_text(path, json.dumps(saved, indent=2))
+        del model, scorer
+    return [r for r in saved if r["task"] == label]
+
+
+def read_zero_shot(p: Plan) -> dict[tuple[str, str], dict[int, float]]:
+    """{(task, dtype): {seed: zero-shot test accuracy}} from zero_shot.json (empty where not measured)."""
+    path = p.out / "zero_shot.json"
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    for r in json.loads(path.read_text()) if path.exists() else []:
+        out.setdefault((r["task"], r["dtype"]), {})[r["seed"]] = r["test"]
+    return out
 
 
 def collect(p: Plan, done: dict[int, list[dict]]) -> list[dict]:
@@ -882,21 +937,29 @@ def header(p: Plan) -> str:
             f"({s.probe_fraction:g} of the budget per probe)")
 
 
-def tables(p: Plan, rows: list[dict], comps: list[Comparison]) -> str:
+def tables(p: Plan, rows: list[dict], comps: list[Comparison],
+           zs: dict[tuple[str, str], dict[int, float]] | None = None) -> str:
+    zs = zs or {}
     lines = ["# Regime study: tables", "", header(p), "",
              "Test = accuracy on the held-out test split of the best-dev checkpoint; mean ± std over seeds (runs "
-             "that failed left out). Differences are paired by seed; the interval is the 95% t-interval of the "
+             "that failed left out). Each seed samples its own test split; − zero-shot = test minus the untrained "
+             "base's accuracy on the same seed's split in the run's dtype (the unquantized base for int8 runs), "
+             "mean over seeds. Differences are paired by seed; the interval is the 95% t-interval of the "
              "mean paired difference. lr grid: the values zotune tune probed (→ the pick; '(edge)': still at the "
              "grid's edge after extending it, so a better lr may lie beyond).", ""]
     lines += [f"- {n}" for n in p.notes]
+    if zs:
+        lines += ["", "Zero-shot (no training) on each seed's test split:", "", "| task | dtype | seeds | test |",
+                  "|---|---|---|---|"]
+        lines += [f"| {task} | {dtype} | {len(by)} | {_ms(list(by.values()))} |" for (task, dtype), by in zs.items()]
     for claim_name in p.study.claims:
         claim = CLAIMS[claim_name]
         lines += ["", f"## {claim.title}", "", f"Claim tested: {claim.statement}.", ""]
         for arm in p.study.arms:
             sel = [r for r in rows if claim_name in r["claims"] and r["arm"] == arm]
             lines += [f"### {ARM_NAMES[arm]} arm", "",
-                      "| task | method | r | dtype | lr grid → pick | ok/seeds | dev final | test |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| task | method | r | dtype | lr grid → pick | ok/seeds | dev final | test | − zero-shot |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             groups: dict[tuple, list[dict]] = {}
             for r in sel:
                 groups.setdefault((r["task"], r["entry"]), []).append(r)
@@ -905,9 +968,12 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison]) -> str:
                 ok = [r for r in rs if r["status"] == "ok"]
                 pick = f"**{r0['lr']:g}**" + (" (edge)" if r0["lr_at_edge"] else "") if r0["lr"] == r0["lr"] else "none"
                 grid = f"{min(r0['lr_grid']):g}..{max(r0['lr_grid']):g} ({len(r0['lr_grid'])}) → {pick}"
+                base = zs.get((task, r0["dtype"]), {})
+                gains = [r["test"] - base[r["seed"]] for r in ok if r["seed"] in base and r["test"] == r["test"]]
+                gain = f"{statistics.mean(gains):+.3f}" if gains else "-"
                 lines.append(f"| {task} | {r0['method']} | {r0['rank'] or '-'} | {r0['dtype']} | {grid} | "
                              f"{len(ok)}/{len(rs)} | {_ms([r['dev_final'] for r in ok])} | "
-                             f"{_ms([r['test'] for r in ok])} |")
+                             f"{_ms([r['test'] for r in ok])} | {gain} |")
             cs = [c for c in comps if c.claim == claim_name and c.arm == arm]
             if cs:
                 lines += ["", "| task | comparison | pairs | mean difference [95% interval] | verdict |",
@@ -1042,7 +1108,7 @@ def write_all(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> None:
               "notes": p.notes}
     atomic.write_text(out / "results.json", json.dumps(record, indent=2))
     atomic.write_text(out / "results.csv", bench.csv_text(kept))
-    atomic.write_text(out / "tables.md", tables(p, rows, comps))
+    atomic.write_text(out / "tables.md", tables(p, rows, comps, read_zero_shot(p)))
     atomic.write_text(out / "verdicts.md", verdicts_md(p, comps, cost_info))
     atomic.write_text(out / "g_summary.md", g_table(p, rows, diag))
     for claim in p.study.claims:
