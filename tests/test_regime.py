@@ -265,6 +265,21 @@ def test_a_rerun_skips_finished_work_and_resumes_a_killed_run(shrunk):
     assert after == before  # the resumed run ends exactly where the first one did
 
 
+def test_report_only_rewrites_the_whole_selections_outputs_from_disk_and_trains_nothing(shrunk):
+    out, _, _ = shrunk
+    before = {name: (out / name).read_text() for name in ("tables.md", "verdicts.md", "g_summary.md")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/summary.json")}
+    # a narrower run sharing the --out rewrote the tables of its own selection only
+    narrow = regime.Study(**{**SHRUNK, "methods": ("zoact",), "claims": ("zoact",)})
+    regime.write_all(regime.plan(narrow, out, prepare=False), regime.collect(regime.plan(narrow, out, prepare=False),
+                                                                             {}), {})
+    assert "ar1zo" not in (out / "tables.md").read_text()
+    rows = regime.report(regime.Study(**SHRUNK), out)
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
+    assert {name: (out / name).read_text() for name in before} == before
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
 def test_zotune_bench_preset_regime_dry_run_and_refusals(tmp_path, capsys):
     assert main(["bench", "--preset", "regime", "--dry-run", "--out", str(tmp_path / "r")]) == 0
     text = capsys.readouterr().out
@@ -275,6 +290,10 @@ def test_zotune_bench_preset_regime_dry_run_and_refusals(tmp_path, capsys):
     assert main(["bench", "--preset", "quick", "--arms", "sgd", "--dry-run"]) == 2
     assert "applies to the study presets" in capsys.readouterr().err
     assert main(["bench", "--preset", "regime", "--claims", "nope", "--dry-run"]) == 2
+    assert main(["bench", "--preset", "quick", "--report-only"]) == 2
+    assert "--report-only applies to the study presets" in capsys.readouterr().err
+    assert main(["bench", "--preset", "regime", "--report-only", "--out", str(tmp_path / "empty")]) == 2
+    assert "holds no study" in capsys.readouterr().err
     with pytest.raises(ZOError, match="unknown arm"):
         regime.plan(regime.Study(arms=("rmsprop",)), tmp_path, prepare=False)
 

@@ -298,8 +298,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise ZOError(f"unknown preset {args.preset!r}; choose one of: {', '.join([*PRESETS, *STUDIES])}")
     study_flags = [f for f in ("arms", "claims", "ranks", "shard") if getattr(args, f) is not None]
-    if study_flags or args.skip_diagnostics:
-        raise ZOError(f"--{(study_flags or ['skip-diagnostics'])[0].replace('_', '-')} applies to the study presets "
+    study_flags += [f for f in ("skip_diagnostics", "report_only") if getattr(args, f, False)]
+    if study_flags:
+        raise ZOError(f"--{study_flags[0].replace('_', '-')} applies to the study presets "
                       f"({', '.join(STUDIES)}), not to {args.preset!r}")
     words = lambda text: [w for w in (x.strip() for x in text.split(",")) if w] if text else None  # noqa: E731
     try:
@@ -501,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--shard", metavar="K/N", help="this process runs every N-th (entry, task) from the K-th, "
                                                       "so N processes share one --out (e.g. 0/2 and 1/2 on 2 cores)")
     study.add_argument("--skip-diagnostics", action="store_true", help="no gradient-cosine diagnostics")
+    study.add_argument("--report-only", action="store_true",
+                       help="train nothing: rewrite results.json, tables, verdicts, g_summary.md and the PNGs "
+                            "of the selected study from what is on disk in --out (after narrower or sharded runs)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list the named offline models, or prepare (convert) them")

@@ -684,6 +684,17 @@ def read_zero_shot(p: Plan) -> dict[tuple[str, str], dict[int, float]]:
     return out
 
 
+def report(study: Study, out: Path) -> list[dict]:
+    """Rewrite every output of ``study`` from what is on disk in ``out``, training nothing; returns the rows.
+
+    Why: narrower runs (``--methods``, ``--claims``) sharing one ``--out`` each write the tables of their
+    own selection; this writes the whole selection's tables, comparisons and verdicts from all of them."""
+    p = plan(study, out, prepare=False)
+    rows = collect(p, {})
+    write_all(p, rows, read_diagnostics(p, {}))
+    return rows
+
+
 def collect(p: Plan, done: dict[int, list[dict]]) -> list[dict]:
     rows = []
     for i, cell in enumerate(p.cells):
@@ -1000,7 +1011,8 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
             lines.append(f"### {ARM_NAMES[arm]} arm")
             lines.append("")
             if not cs:
-                lines += [f"- {NOT_RUN} (no entries for this arm)", ""]
+                lines += [f"- {NOT_RUN} (no pair this claim compares is in this selection of methods; "
+                          f"--report-only over the whole study writes them)", ""]
                 continue
             primary = [c for c in cs if c.primary]
             finals = []
@@ -1154,9 +1166,13 @@ def main(args, say: Callable[[str], None] = lambda msg: print(msg, file=sys.stde
     if args.dry_run:
         print(describe(plan(study, out, prepare=False)))
         return 0
-    result = run_study(study, out, retry_failed=args.retry_failed, say=say)
+    if getattr(args, "report_only", False):
+        require((out / "results.json").exists() or (out / "runs").is_dir(),
+                f"--report-only: {out} holds no study (no results.json, no runs/); give the --out of the runs")
+        rows = report(study, out)
+    else:
+        rows = run_study(study, out, retry_failed=args.retry_failed, say=say)["rows"]
     print((out / "verdicts.md").read_text())
-    rows = result["rows"]
     bad = sum(r["status"] == "failed" for r in rows)
     print(f"written to {out}/: results.json, results.csv, tables.md, verdicts.md, g_summary.md, curves_*.png, "
           f"diagnostics/*/grad_cosine.png" + (f"; {bad} of {len(rows)} runs failed (tables.md)" if bad else ""))
