@@ -610,12 +610,13 @@ def run_study(study: Study, out: Path, retry_failed: bool = False, say=print) ->
     diag: dict[str, list[dict]] = {}
     rows_by_cell: dict[int, list[dict]] = {}
     for t_index, task in enumerate(study.tasks):
-        if t_index % n == k:
-            try:
-                zero_shot(p, task, say)
-            except Exception as exc:  # a reference point, like the diagnostics: never at the runs' cost
-                say(f"zero-shot evaluation on {task} failed ({type(exc).__name__}: {exc}); the runs go on")
-        if study.diagnostics and t_index % n == k:
+        if t_index % n != k:
+            continue
+        try:
+            zero_shot(p, task, say)
+        except Exception as exc:  # a reference point, like the diagnostics: never at the runs' cost
+            say(f"zero-shot evaluation on {task} failed ({type(exc).__name__}: {exc}); the runs go on")
+        if study.diagnostics:
             try:
                 diag[bench.task_label(task)] = diagnostics(p, task, say)
             except Exception as exc:  # a side measurement: it must not cost the training runs
@@ -643,11 +644,10 @@ def zero_shot(p: Plan, task: str, say) -> list[dict]:
     the same seed's split, paired, not against one dev number. One evaluation per (dtype, seed)."""
     import torch
 
-    from .evaluate import Scorer
     from .hardware import pick_device
     from .metrics import score_split
     from .models import load_model
-    from .setup import load_data
+    from .setup import load_data, run_scorer
 
     label = bench.task_label(task)
     path = p.out / "zero_shot.json"
@@ -663,8 +663,7 @@ def zero_shot(p: Plan, task: str, say) -> list[dict]:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         model, tok, _ = load_model(cfg.model, getattr(torch, dtype), pick_device(cfg.device))
-        scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
-                        micro_batch_size=cfg.micro_batch_size)
+        scorer = run_scorer(cfg, model, tok)
         for seed in todo:
             data = load_data(run_config(cell, seed, cell.base.lr))
             acc = score_split(scorer, data.test, cfg.eval_batch_size).value

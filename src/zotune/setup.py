@@ -129,6 +129,11 @@ def setup(cfg: TrainConfig, data: TaskData | None = None, calibration: dict[str,
     model, engine = build_engine(cfg, model, method, calibration_source(cfg, data, tok))
     if cluster is not None:
         engine = cluster.wrap(engine)
-    scorer = Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
-                    micro_batch_size=cfg.micro_batch_size, compile=cfg.compile)
-    return Setup(cfg, model, tok, method, engine, scorer, device, precision, data)
+    return Setup(cfg, model, tok, method, engine, run_scorer(cfg, model, tok), device, precision, data)
+
+
+def run_scorer(cfg: TrainConfig, model: nn.Module, tok) -> Scorer:
+    """The scorer a run of ``cfg`` evaluates and trains with; a measurement beside the runs (the regime
+    study's zero-shot) takes it from here, so it scores exactly as the runs do."""
+    return Scorer(model, tok, cfg.max_length, scoring=cfg.scoring, share_prompt=cfg.share_prompt,
+                  micro_batch_size=cfg.micro_batch_size, compile=cfg.compile)
