@@ -279,6 +279,22 @@ def test_report_only_rewrites_the_whole_selections_outputs_from_disk_and_trains_
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk, tmp_path):
+    out, _, _ = shrunk
+    p = regime.plan(regime.Study(**SHRUNK), out, prepare=False)
+    whole, rest = regime.cost(p), regime.cost(p, left=True)
+    assert (rest["runs"], rest["probes"], rest["total_forward_passes"]) == (0, 0, 0)  # all finished, diagnostics too
+    assert f"done in {out}: {whole['runs']} of {whole['runs']} runs, lrs picked for {len(p.cells)} of" in regime.describe(p)
+    cell = p.cells[0]
+    cell.recorded.pop(SHRUNK["seeds"][1])  # as if that seed had not finished
+    rest = regime.cost(p, left=True)
+    assert rest["runs"] == 1 and rest["probes"] == 0
+    assert rest["forward_passes"]["train"] == cell.base.steps * forwards_per_step(cell.base)
+    assert f"{whole['runs'] - 1} of {whole['runs']} runs" in regime.describe(p)
+    fresh = regime.plan(regime.Study(**SHRUNK), tmp_path / "fresh", prepare=False)
+    assert regime.cost(fresh, left=True) == regime.cost(fresh) and "done in" not in regime.describe(fresh)
+
+
 def test_zotune_bench_preset_regime_dry_run_and_refusals(tmp_path, capsys):
     assert main(["bench", "--preset", "regime", "--dry-run", "--out", str(tmp_path / "r")]) == 0
     text = capsys.readouterr().out

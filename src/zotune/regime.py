@@ -399,20 +399,33 @@ FULL_WEIGHT_STEP = 1.9  # a full-weight ZO step / its forwards (benchmarks/resul
 DIAG_DIRECTIONS_FACTOR = 2  # each direction: two forwards
 
 
-def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_FACTOR) -> dict:
+def tuned(cell: Cell) -> bool:
+    """Whether the cell's lr probes are done (tune.json is written once every probe of the grid has run)."""
+    return (cell.tune_out / "tune.json").exists()
+
+
+def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_FACTOR, left: bool = False) -> dict:
     """Forward passes (16-example equivalents) and hours on this CPU, by part; lr-grid extensions not included
-    (at most ``max_extend`` more probes per cell)."""
+    (at most ``max_extend`` more probes per cell).
+
+    With ``left``, only what ``p.out`` does not hold yet: seeds without a finished row in results.json and
+    cells without tune.json (a run or grid in progress counts whole), so a study that spans sessions can
+    say what a resume still costs."""
     s, bs = p.study, int(p.study.settings.get("batch_size", 16))
     dev, test = int(s.settings.get("dev_size", 500)), int(s.settings.get("test_size", 500))
     parts = {"train": 0.0, "probes": 0.0, "evaluation": 0.0}
     seconds = 0.0
+    runs = grids = 0
     for c in p.cells:
         unit = seconds_bf16 * (fp32_factor if c.entry.dtype == "float32" else 1.0)
         overhead = FULL_WEIGHT_STEP if c.entry.variant.config in ("lozo", "subzero") else 1.0
         per = bench.forwards_per_step(c.base)
-        train = len(s.seeds) * c.base.steps * per
-        probes = len(c.entry.grid) * (c.probe_forwards // per) * per
-        evals = len(s.seeds) * ((s.evals + 2) * dev + test) / bs + len(c.entry.grid) * 2 * s.probe_dev / bs
+        seeds = len([x for x in s.seeds if x not in c.recorded]) if left else len(s.seeds)
+        grid = 0 if left and tuned(c) else len(c.entry.grid)
+        runs, grids = runs + seeds, grids + grid
+        train = seeds * c.base.steps * per
+        probes = grid * (c.probe_forwards // per) * per
+        evals = seeds * ((s.evals + 2) * dev + test) / bs + grid * 2 * s.probe_dev / bs
         parts["train"] += train
         parts["probes"] += probes
         parts["evaluation"] += evals
@@ -420,7 +433,9 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
     diag = 0.0
     if s.diagnostics:
         configs = {(e.variant.config, e.variant.rank, e.dtype) for e in p.entries if e.variant.quantize == "none"}
-        for _ in s.tasks:
+        for task in s.tasks:
+            if left and (p.out / "diagnostics" / bench.safe_name(task) / "grad_cosine.json").exists():
+                continue
             for config, rank, dtype in configs:
                 points = len(s.diag_points) if QUERY_CONFIGS[config][0]["method"] in ("mezo-lora", "ar1zo", "zoact") \
                     else 1
@@ -431,7 +446,7 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
     total = sum(parts.values())
     return {"forward_passes": {k: round(v) for k, v in parts.items()}, "total_forward_passes": round(total),
             "hours": seconds / 3600, "seconds_per_forward_bf16": seconds_bf16, "fp32_factor": fp32_factor,
-            "runs": len(p.cells) * len(s.seeds), "probes": sum(len(c.entry.grid) for c in p.cells)}
+            "runs": runs, "probes": grids}
 
 
 def hours(h: float) -> str:
@@ -456,6 +471,12 @@ def describe(p: Plan) -> str:
               f"{f['probes']:,}, evaluation {f['evaluation']:,}, diagnostics {f['diagnostics']:,}); about "
               f"{hours(k['hours'])} on one thread at {k['seconds_per_forward_bf16']} s per bf16 forward "
               f"(fp32 x{k['fp32_factor']})"]
+    rest = cost(p, left=True)
+    if rest["total_forward_passes"] < k["total_forward_passes"]:
+        picked = sum(tuned(c) for c in p.cells)
+        lines.append(f"done in {p.out}: {k['runs'] - rest['runs']} of {k['runs']} runs, lrs picked for {picked} of "
+                     f"{len(p.cells)} cells; left: {rest['total_forward_passes']:,} forward passes, about "
+                     f"{hours(rest['hours'])} at the same pace (a run or lr grid in progress counts whole)")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
 
