@@ -230,6 +230,8 @@ def test_a_shrunk_study_writes_tables_pngs_and_verdicts(shrunk):
     runs = [r for r in json.loads((out / "results.json").read_text())["runs"] if r["entry"] == "ar1zo-r4-fp32-sgd"]
     gain = sum(r["test"] - next(z["test"] for z in zs if z["seed"] == r["seed"]) for r in runs) / len(runs)
     assert row.endswith(f" {gain:+.3f} |")
+    below = sum(r["dev_final"] < r["dev_before"] for r in runs)  # seeds that ended below the untrained model
+    assert f" | {below}/{len(runs)} | " in row
     verdicts = (out / "verdicts.md").read_text()
     assert regime.RULE_BETTER in verdicts and regime.RULE_TASKS in verdicts
     primary = [line for line in verdicts.splitlines() if line.startswith("- **")]

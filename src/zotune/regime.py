@@ -977,7 +977,9 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
              "base's accuracy on the same seed's split in the run's dtype (the unquantized base for int8 runs), "
              "mean over seeds. Differences are paired by seed; the interval is the 95% t-interval of the "
              "mean paired difference. lr grid: the values zotune tune probed (→ the pick; '(edge)': still at the "
-             "grid's edge after extending it, so a better lr may lie beyond).", ""]
+             "grid's edge after extending it, so a better lr may lie beyond). ended below start: seeds whose final "
+             "dev accuracy is below the untrained model's (where a run that diverged after its best-dev checkpoint "
+             "ends, its test still taken from that checkpoint).", ""]
     lines += [f"- {n}" for n in p.notes]
     if zs:
         lines += ["", "Zero-shot (no training) on each seed's test split:", "", "| task | dtype | seeds | test |",
@@ -989,8 +991,8 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
         for arm in p.study.arms:
             sel = [r for r in rows if claim_name in r["claims"] and r["arm"] == arm]
             lines += [f"### {ARM_NAMES[arm]} arm", "",
-                      "| task | method | r | dtype | lr grid → pick | ok/seeds | dev final | test | − zero-shot |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| task | method | r | dtype | lr grid → pick | ok/seeds | dev final | ended below start | test "
+                      "| − zero-shot |", "|---|---|---|---|---|---|---|---|---|---|"]
             groups: dict[tuple, list[dict]] = {}
             for r in sel:
                 groups.setdefault((r["task"], r["entry"]), []).append(r)
@@ -1002,8 +1004,10 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
                 base = zs.get((task, r0["dtype"]), {})
                 gains = [r["test"] - base[r["seed"]] for r in ok if r["seed"] in base and r["test"] == r["test"]]
                 gain = f"{statistics.mean(gains):+.3f}" if gains else "-"
+                below = sum(r["dev_final"] < r["dev_before"] for r in ok)
                 lines.append(f"| {task} | {r0['method']} | {r0['rank'] or '-'} | {r0['dtype']} | {grid} | "
                              f"{len(ok)}/{len(rs)} | {_ms([r['dev_final'] for r in ok])} | "
+                             f"{f'{below}/{len(ok)}' if ok else '-'} | "
                              f"{_ms([r['test'] for r in ok])} | {gain} |")
             cs = [c for c in comps if c.claim == claim_name and c.arm == arm]
             if cs:
