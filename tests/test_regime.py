@@ -107,6 +107,28 @@ def test_the_preset_plans_the_issues_protocol(native_bf16, tmp_path):
     assert study.diagnostics and ISSUE_COSINE_NS <= set(study.diag_ns)
 
 
+def test_cells_that_would_train_the_same_runs_train_them_once(native_bf16, tmp_path):
+    """At r = 8 the canonical atom (alpha/r, alpha 16) and ar1zo (alpha 2 at every rank) build the same adapter,
+    scale 2 (the preset test above checks the scales): their probes and runs are the same bit for bit, so the
+    canonical atom's r = 8 cells read ar1zo's folders, cost nothing, and a narrower run finds the twin too."""
+    p = regime.plan(regime.Study(), tmp_path, prepare=False)
+    twins = [c for c in p.cells if c.twin]
+    assert {(c.entry.variant.config, c.entry.variant.rank) for c in twins} == {("atom-canonical", 8)}
+    assert len(twins) == len(ISSUE_ARMS) * 3  # each arm on each of the three tasks
+    by_label = {(c.entry.label, c.task): c for c in p.cells}
+    for c in twins:
+        twin = by_label[(c.twin, c.task)]
+        assert c.twin == c.entry.label.replace("atom-canonical", "ar1zo") and not twin.twin
+        assert (c.tune_out, c.run_dir(0)) == (twin.tune_out, twin.run_dir(0))
+        assert regime.run_key(c.base, c.entry.grid) == regime.run_key(twin.base, twin.entry.grid)
+    r64 = [c for c in p.cells if c.entry.variant.rank == 64 and c.entry.variant.config in ("atom-canonical", "ar1zo")]
+    assert len({regime.run_key(c.base, c.entry.grid) for c in r64}) == len(r64)  # at r = 64 they differ
+    assert regime.cost(p)["runs"] == (len(p.cells) - len(twins)) * ISSUE_SEEDS
+    narrow = regime.plan(regime.Study(methods=("atom-canonical",), tasks=("cr",), arms=("sgd",)), tmp_path,
+                         prepare=False)
+    assert [c.twin for c in narrow.cells if c.entry.variant.rank == 8] == ["ar1zo-r8-bf16-sgd"]
+
+
 def test_the_docs_quote_the_plans_cost(native_bf16, tmp_path):
     p = regime.plan(regime.Study(), tmp_path, prepare=False)
     k = regime.cost(p)

@@ -247,6 +247,7 @@ class Cell:
     tune_out: Path
     runs_out: Path  # runs/<entry>__<task>: the seeds' run directories are this + __s<seed>
     recorded: dict[int, dict] = field(default_factory=dict)  # seed -> its finished row in results.json
+    twin: str = ""  # the label of an earlier entry whose runs this cell's are, bit for bit (see ``run_key``)
 
     def run_dir(self, seed: int) -> Path:
         return self.runs_out.with_name(f"{self.runs_out.name}__s{seed}")
@@ -343,6 +344,23 @@ def plan_entries(study: Study, device: str = "cpu") -> tuple[list[Entry], list[s
     return list(entries.values()), notes
 
 
+def run_key(cfg: TrainConfig, grid: tuple[float, ...]) -> str:
+    """What makes two cells train the same runs: the config with AR1's scaling resolved to the adapter it
+    builds, and the lr grid.
+
+    Why: at r = 8 the canonical atom (α/r, α 16) and ar1zo (α·r/r, α 2) build the same PEFT adapter
+    (lora_alpha 16, scale 2), so their probes and runs are bit-identical (seen in session 11: every probe's
+    losses equal). The second cell then reads the first one's folders instead of training them again.
+    """
+    from .methods.ar1 import lora_alpha_for
+
+    d = cfg.to_dict()
+    d.pop("output_dir", None)
+    if d.get("method") == "ar1zo":
+        d["lora_alpha"], d["use_rslora"] = lora_alpha_for(d.pop("ar1_scaling"), d["lora_alpha"], d["lora_r"])
+    return json.dumps([d, list(grid)], sort_keys=True, default=str)
+
+
 def steps_for(budget: int, cfg: TrainConfig) -> int:
     """Steps that spend at least ``budget`` forward passes (rounded up: agzo's 3 per step give 1,002 of 1,000)."""
     return math.ceil(budget / bench.forwards_per_step(cfg))
@@ -362,10 +380,15 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
         common["model"] = str(bench.tiny_random_model(out / "tiny-random") if prepare else out / "tiny-random")
     ledger = read_ledger(out)
     cells = []
+    seen: dict[str, Cell] = {}
+    selected = {e.label: e for e in entries}
+    # twins are looked for among every entry, so a narrower run (--methods) still reads an unselected twin
+    every = plan_entries(dataclasses.replace(study, methods=None), device)[0] if study.methods else entries
     for task in study.tasks:
         data = task_settings(task, out, str(common.get("data_dir", "")), write=prepare)
         budget = study.budget_for(task)
-        for entry in entries:
+        for entry in every:
+            entry = selected.get(entry.label, entry)
             label = bench.task_label(task)
             settings = {**common, **data, **entry.settings, "lr": entry.grid[len(entry.grid) // 2],
                         "seed": study.seeds[0], "progress": False}
@@ -381,7 +404,13 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
             name = f"{bench.safe_name(entry.label)}__{bench.safe_name(label)}"
             recorded = {r["seed"]: r for r in ledger
                         if r.get("entry") == entry.label and r.get("task") == label and r.get("status") == "ok"}
-            cells.append(Cell(entry, label, budget, probe, cfg, out / "tune" / name, out / "runs" / name, recorded))
+            cell = Cell(entry, label, budget, probe, cfg, out / "tune" / name, out / "runs" / name, recorded)
+            twin = seen.setdefault(run_key(cfg, entry.grid), cell)
+            if twin is not cell:  # the same runs as an earlier entry's: read its folders, train nothing twice
+                cell.base, cell.tune_out, cell.runs_out, cell.twin = twin.base, twin.tune_out, twin.runs_out, \
+                    twin.entry.label
+            if entry.label in selected:
+                cells.append(cell)
     return Plan(study, out, entries, cells, notes)
 
 
@@ -417,6 +446,8 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
     seconds = 0.0
     runs = grids = 0
     for c in p.cells:
+        if c.twin:  # its runs are its twin's
+            continue
         unit = seconds_bf16 * (fp32_factor if c.entry.dtype == "float32" else 1.0)
         overhead = FULL_WEIGHT_STEP if c.entry.variant.config in ("lozo", "subzero") else 1.0
         per = bench.forwards_per_step(c.base)
@@ -462,10 +493,14 @@ def describe(p: Plan) -> str:
              f"{'entry':34s} {'claims':10s} {'task':16s} {'budget':>6s} {'steps':>5s} {'probe':>5s}  lr grid"]
     for c in p.cells:
         lines.append(f"{c.entry.label:34s} {','.join(c.entry.claims):10s} {c.task:16s} {c.budget:6d} "
-                     f"{c.base.steps:5d} {c.probe_forwards:5d}  {' '.join(f'{x:g}' for x in c.entry.grid)}")
+                     f"{c.base.steps:5d} {c.probe_forwards:5d}  {' '.join(f'{x:g}' for x in c.entry.grid)}"
+                     + (f"  (= {c.twin}: the same runs)" if c.twin else ""))
     k = cost(p)
+    twins = sum(bool(c.twin) for c in p.cells)
     f = k["forward_passes"]
-    lines += [f"{len(p.cells)} cells x {len(s.seeds)} seeds = {k['runs']} runs, {k['probes']} probes "
+    lines += [f"{len(p.cells)} cells x {len(s.seeds)} seeds"
+              + (f" ({twins} of them the same runs as another's, trained once)" if twins else "")
+              + f" = {k['runs']} runs, {k['probes']} probes "
               f"(+ up to {s.max_extend} per cell where a pick is at the grid's edge)",
               f"cost: {k['total_forward_passes']:,} forward passes of 16 examples (training {f['train']:,}, probes "
               f"{f['probes']:,}, evaluation {f['evaluation']:,}, diagnostics {f['diagnostics']:,}); about "
@@ -544,6 +579,7 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
                   "lr": lr, "lr_grid": grid, "lr_pick_dev": chosen["dev_after"] if chosen else float("nan"),
                   "lr_at_edge": bool(chosen) and len(grid) > 1 and lr in (min(grid), max(grid)),
                   "probe_forwards": cell.probe_forwards, "tune": str(tune_json or ""), "budget": cell.budget,
+                  "same_runs_as": cell.twin,
                   **g_summary(run.run_dir)})
         if error == "not run yet":
             r["status"] = "pending"
@@ -647,6 +683,9 @@ def run_study(study: Study, out: Path, retry_failed: bool = False, say=print) ->
                 say(f"diagnostics on {task} failed ({type(exc).__name__}: {exc}); the runs go on")
     for i, cell in enumerate(p.cells):
         if i % n != k:
+            continue
+        if cell.twin:  # read from the twin's folders when the tables are written, never trained here
+            say(f"{cell.entry.label} {cell.task}: the same runs as {cell.twin} (bit for bit); read from its folders")
             continue
         t = time.time()
         rows_by_cell[i] = run_cell(cell, study, retry_failed, say)
