@@ -397,6 +397,22 @@ def test_a_fresh_checkout_without_run_directories_trains_nothing_again(shrunk, t
         shutil.copytree(saved, out)
 
 
+def test_a_twin_cell_is_trained_once_and_reported_under_both_names(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    study = regime.Study(**{**SHRUNK, "seeds": (0,), "claims": ("ar1",), "ranks": (8,), "contrast_rank": 8,
+                            "methods": ("ar1zo", "atom-canonical"), "diagnostics": False})
+    log: list[str] = []
+    regime.run_study(study, tmp_path, say=log.append)
+    rows = {r["entry"]: r for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    ar1, atom = rows["ar1zo-r8-fp32-sgd"], rows["atom-canonical-r8-fp32-sgd"]
+    assert ar1["status"] == atom["status"] == "ok" and atom["same_runs_as"] == "ar1zo-r8-fp32-sgd"
+    assert (atom["test"], atom["lr"], atom["run_dir"]) == (ar1["test"], ar1["lr"], ar1["run_dir"])
+    assert not list(tmp_path.glob("*/atom-canonical*"))  # no folder of its own, in tune/ or runs/
+    assert any("the same runs as ar1zo-r8-fp32-sgd" in line for line in log)
+
+
 def test_two_narrower_runs_sharing_an_out_keep_each_others_rows(shrunk, tmp_path):
     """One method per core, one --out: each writes results.json after every cell, and neither may
     drop the rows the other finished after it started (they are the record once run folders go)."""
