@@ -845,6 +845,7 @@ def paired_interval(a: dict | list, b: dict | list, level: float = LEVEL) -> dic
 
 
 HOLDS, FAILS, UNSURE = "holds", "does not hold", "cannot tell at this budget"
+SAME = "the same runs (one adapter): nothing to compare"
 NOT_RUN = "not run yet"  # no finished pair: no evidence either way (not "cannot tell", which is a result)
 RULE_BETTER = ("the claim's method minus the baseline, paired by seed (same training sample, batch order and test "
                "sample), 95% t-interval: **holds** if the interval lies above 0, **does not hold** if it lies "
@@ -919,6 +920,7 @@ def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
     tasks = [bench.task_label(t) for t in p.study.tasks]
     es = p.entries
     dt = lambda e: "bf16" if e.dtype == "bfloat16" else "fp32"  # noqa: E731
+    twins = {(c.entry.label, c.task): c.twin for c in p.cells if c.twin}
     for claim_name in p.study.claims:
         claim = CLAIMS[claim_name]
         for arm in p.study.arms:
@@ -959,6 +961,8 @@ def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
                     c.interval = paired_interval(scores_by_seed(rows, a.label, task),
                                                  scores_by_seed(rows, b.label, task))
                     c.verdict = verdict(c.interval, kind) if kind != "contrast" else ""
+                    if twins.get((a.label, task)) == b.label or twins.get((b.label, task)) == a.label:
+                        c.verdict = SAME
                     out.append(c)
             if claim_name == "ar1":  # the bf16 gap minus the fp32 gap at the contrast rank, paired by seed
                 r = p.study.contrast_rank
