@@ -871,8 +871,9 @@ def verdict(iv: dict, kind: str = "better", margin: float = INT8_MARGIN) -> str:
 
 
 def overall(verdicts: list[str]) -> str:
-    if verdicts and all(v == NOT_RUN for v in verdicts):
-        return NOT_RUN
+    for same in (NOT_RUN, SAME):
+        if verdicts and all(v == same for v in verdicts):
+            return same
     held, failed = verdicts.count(HOLDS), verdicts.count(FAILS)
     if held > len(verdicts) / 2 and not failed:
         return HOLDS
