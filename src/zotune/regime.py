@@ -871,9 +871,9 @@ def verdict(iv: dict, kind: str = "better", margin: float = INT8_MARGIN) -> str:
 
 
 def overall(verdicts: list[str]) -> str:
-    for same in (NOT_RUN, SAME):
-        if verdicts and all(v == same for v in verdicts):
-            return same
+    for only in (NOT_RUN, SAME):
+        if verdicts and all(v == only for v in verdicts):
+            return only
     held, failed = verdicts.count(HOLDS), verdicts.count(FAILS)
     if held > len(verdicts) / 2 and not failed:
         return HOLDS
@@ -921,7 +921,7 @@ def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
     tasks = [bench.task_label(t) for t in p.study.tasks]
     es = p.entries
     dt = lambda e: "bf16" if e.dtype == "bfloat16" else "fp32"  # noqa: E731
-    twins = {(c.entry.label, c.task): c.twin for c in p.cells if c.twin}
+    folders = {(c.entry.label, c.task): c.runs_out for c in p.cells}  # twins share theirs
     for claim_name in p.study.claims:
         claim = CLAIMS[claim_name]
         for arm in p.study.arms:
@@ -962,7 +962,7 @@ def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
                     c.interval = paired_interval(scores_by_seed(rows, a.label, task),
                                                  scores_by_seed(rows, b.label, task))
                     c.verdict = verdict(c.interval, kind) if kind != "contrast" else ""
-                    if twins.get((a.label, task)) == b.label or twins.get((b.label, task)) == a.label:
+                    if folders.get((a.label, task), a) == folders.get((b.label, task), b):
                         c.verdict = SAME
                     out.append(c)
             if claim_name == "ar1":  # the bf16 gap minus the fp32 gap at the contrast rank, paired by seed
