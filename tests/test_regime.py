@@ -319,6 +319,36 @@ def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk,
     assert regime.cost(fresh, left=True) == regime.cost(fresh) and "done in" not in regime.describe(fresh)
 
 
+def test_what_a_resume_still_costs_is_also_told_at_the_pace_of_the_studys_own_runs(tmp_path):
+    p = regime.plan(regime.Study(**{**SHRUNK, "budget": 400}), tmp_path / "study", prepare=False)
+    assert regime.measured_pace(p) == {}  # no runs yet: only the reference machine's pace
+    assert "at the pace of the latest runs" not in regime.describe(p)
+
+    def ran(cell, seed: int, step_s: float) -> None:  # a run's log: steps of step_s seconds, one evaluation
+        per, every = forwards_per_step(cell.base), cell.base.eval_every
+        d = cell.run_dir(seed)
+        d.mkdir(parents=True, exist_ok=True)
+        t, lines = 0.0, []
+        assert every == 40
+        for step in range(31, 52):
+            t += step_s + (100.0 if step == 41 else 0.0)  # a dev evaluation after step 40
+            lines.append(json.dumps({"step": step, "loss": 1.0, "forward_passes": step * per, "time_s": t}))
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    first, second = [c for c in p.cells if not c.twin][:2]
+    ran(first, 0, 3.0 * forwards_per_step(first.base))  # 3 s per forward, written first
+    os.utime(first.run_dir(0) / "metrics.jsonl", (1, 1))
+    ran(second, 0, 1.0 * forwards_per_step(second.base))  # 1 s per forward, the latest
+    assert regime.measured_pace(p, latest=1) == {"float32": pytest.approx(1.0)}  # evaluations left out
+    assert regime.measured_pace(p) == {"float32": pytest.approx(2.0)}  # the median of the latest runs
+    first.recorded[0] = {"lr": 0.1}  # one run done: describe says what is left, at both paces
+    text = regime.describe(p)
+    assert f"at the pace of the latest runs in {p.out} (fp32 2.00 s per training forward" in text
+    here = regime.cost(p, seconds_bf16=2.0 / regime.FP32_FACTOR, left=True)
+    assert f"left about {regime.hours(here['hours'])}" in text
+    assert here["hours"] == pytest.approx(regime.cost(p, left=True)["hours"] * 2.0 / (regime.SECONDS_BF16 * regime.FP32_FACTOR))
+
+
 def test_zotune_bench_preset_regime_dry_run_and_refusals(tmp_path, capsys):
     assert main(["bench", "--preset", "regime", "--dry-run", "--out", str(tmp_path / "r")]) == 0
     text = capsys.readouterr().out

@@ -480,6 +480,34 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
             "runs": runs, "probes": grids}
 
 
+PACE_LATEST = 6  # measured pace: the most recent runs and probes per dtype
+
+
+def measured_pace(p: Plan, latest: int = PACE_LATEST) -> dict[str, float]:
+    """Seconds per 16-example training forward that the study's own runs took, by base dtype.
+
+    Why: the planned hours use one reference machine's pace (SECONDS_BF16, an AMX CPU), and the
+    same study ran ~5x slower in bf16 on a Xeon with avx512_bf16 but no AMX, where bf16 is also
+    slower than fp32. What a resume still costs is better told by the pace of the runs in ``p.out``.
+    Per dtype: the median over the ``latest`` most recently written runs and lr probes of their
+    median step time / forwards per step (:func:`zotune.bench.step_seconds`, which skips evaluations
+    and resumes). Full-weight steps (lozo, subzero) are left out: they cost more than their forwards.
+    """
+    found: dict[str, list[tuple[float, float]]] = {}
+    for c in p.cells:
+        if c.twin or c.entry.variant.config in ("lozo", "subzero"):
+            continue
+        per = bench.forwards_per_step(c.base)
+        dirs = [c.run_dir(seed) for seed in p.study.seeds]
+        dirs += sorted((c.tune_out / "probes").glob("*")) if (c.tune_out / "probes").is_dir() else []
+        for d in dirs:
+            metrics = d / "metrics.jsonl"
+            step = bench.step_seconds(metrics, c.base.eval_every) if metrics.exists() else None
+            if step:
+                found.setdefault(c.entry.dtype, []).append((metrics.stat().st_mtime, step / per))
+    return {dtype: statistics.median(x for _, x in sorted(v)[-latest:]) for dtype, v in found.items()}
+
+
 def hours(h: float) -> str:
     return f"{h:.0f} hours" if round(h) != 1 else "1 hour"
 
@@ -512,6 +540,15 @@ def describe(p: Plan) -> str:
         lines.append(f"done in {p.out}: {k['runs'] - rest['runs']} of {k['runs']} runs, lrs picked for {picked} of "
                      f"{len(p.cells)} cells; left: {rest['total_forward_passes']:,} forward passes, about "
                      f"{hours(rest['hours'])} at the same pace (a run or lr grid in progress counts whole)")
+        pace = measured_pace(p)
+        if pace:
+            bf16 = pace.get("bfloat16", pace.get("float32", 0) / FP32_FACTOR)
+            fp32 = pace.get("float32", bf16 * FP32_FACTOR)
+            here = cost(p, seconds_bf16=bf16, fp32_factor=fp32 / bf16, left=True)
+            lines.append(f"at the pace of the latest runs in {p.out} ("
+                         + ", ".join(f"{'bf16' if d == 'bfloat16' else 'fp32'} {pace[d]:.2f} s"
+                                     for d in sorted(pace)) + " per training forward, from their step times): "
+                         f"left about {hours(here['hours'])}")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
 
