@@ -469,3 +469,11 @@ def test_two_narrower_runs_sharing_an_out_keep_each_others_rows(shrunk, tmp_path
     finally:
         shutil.rmtree(out)
         shutil.copytree(saved, out)
+
+
+def test_verdicts_of_a_study_not_run_yet_say_so_without_empty_numbers(tmp_path):
+    p = regime.plan(regime.Study(**SHRUNK), tmp_path / "study", prepare=False)
+    text = regime.verdicts_md(p, regime.comparisons(p, []), regime.cost(p))
+    assert "(synthetic: not run yet)" in text and "-: not run yet" not in text
+    secondary = [ln for ln in text.splitlines() if ln.startswith("- secondary")]
+    assert secondary and all(ln.endswith(f": - ({regime.NOT_RUN})") for ln in secondary)

@@ -1125,15 +1125,16 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
                 gs = [c for c in primary if c.group == group]
                 v = overall([c.verdict for c in gs])
                 finals.append(v)
-                per_task = "; ".join(f"{c.task} {_ci(c.interval)}: {c.verdict}" for c in gs)
+                per_task = "; ".join(f"{c.task}: {NOT_RUN}" if c.verdict == NOT_RUN else
+                                     f"{c.task} {_ci(c.interval)}: {c.verdict}" for c in gs)
                 lines.append(f"- **{gs[0].what}** — **{v}** ({per_task})")
             if finals:
                 claim_v = finals[0] if len(set(finals)) == 1 else "partly: " + ", ".join(
                         f"{c}: {v}" for c, v in zip(dict.fromkeys(c.group for c in primary), finals))
                 lines.append(f"- the claim in the {ARM_NAMES[arm]} arm: **{claim_v}**")
             for c in [c for c in cs if not c.primary]:
-                lines.append(f"- secondary, {c.task}: {c.what}: {_ci(c.interval)}" + (f" ({c.verdict})" if c.verdict
-                                                                                       else ""))
+                said = c.verdict or ("" if c.interval["n"] else NOT_RUN)  # rank effects carry no verdict
+                lines.append(f"- secondary, {c.task}: {c.what}: {_ci(c.interval)}" + (f" ({said})" if said else ""))
             lines.append("")
     f = cost_info["forward_passes"]
     lines += ["", f"Planned cost: {cost_info['total_forward_passes']:,} forward passes of 16 examples (training "
