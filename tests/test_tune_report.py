@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,45 @@ def test_rerunning_skips_finished_probes_and_resumes_a_killed_one(tuned, world):
     # the same --out with other settings is refused, naming the setting
     code, _, stderr = run(*tune_argv(world, out), "--batch-size", "4")
     assert code == 2 and "batch_size=8, this tune wants 4" in stderr
+
+
+def test_g_growth_is_the_last_quarters_mean_slope_over_the_firsts():
+    from zotune.tune import g_growth
+
+    steps = [{"g": [1.0, -1.0]}] * 4 + [{"g": [5.0]}] * 4 + [{"g": [-2.0, 2.0]}] * 4  # 12 steps: quarters of 3
+    assert g_growth(steps) == pytest.approx(2.0)
+    assert math.isnan(g_growth(steps[:7]))  # too few steps to split into quarters
+    assert math.isnan(g_growth([{"loss": 1.0}] * 12))  # no slopes logged (first-order)
+
+
+def test_max_g_growth_leaves_steep_probes_out_of_the_pick():
+    from zotune.tune import pick
+
+    def row(lr, dev, growth):
+        return {"lr": lr, "eps": 1e-2, "status": "ok", "dev_after": dev, "train_loss_last": 1.0, "g_growth": growth}
+
+    rows = [row(1e-3, 0.70, 0.9), row(3e-3, 0.78, 3.0), row(1e-2, 0.60, float("nan"))]
+    assert pick(rows)["lr"] == 3e-3  # by default the best dev, steep or not
+    assert pick(rows, max_g_growth=1.4)["lr"] == 1e-3  # its |g| tripled: the next best dev that stayed calm
+    assert pick(rows, max_g_growth=5.0)["lr"] == 3e-3
+    assert pick([rows[1]], max_g_growth=1.4)["lr"] == 3e-3  # every probe steep: the bound cannot pick, dev does
+
+
+def test_rerunning_with_max_g_growth_repicks_from_the_finished_probes(tuned, world):
+    rows = {r["lr"]: r for r in tuned["record"]["rows"] if r["status"] == "ok"}
+    assert all(r["g_growth"] > 0 for r in rows.values())  # 20 steps each: a growth for every finished probe
+    steep, calm = sorted(rows, key=lambda lr: rows[lr]["g_growth"], reverse=True)
+    bound = (rows[steep]["g_growth"] + rows[calm]["g_growth"]) / 2
+    stamps = {p: p.stat().st_mtime_ns for p in (tuned["out"] / "probes").glob("*/summary.json")}
+    code, stdout, stderr = run(*tune_argv(world, tuned["out"]), "--max-g-growth", f"{bound}")
+    assert code == 0, stderr
+    assert ": trained:" not in stderr and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    record = json.loads((tuned["out"] / "tune.json").read_text())
+    assert record["pick"]["lr"] == calm and record["max_g_growth"] == pytest.approx(bound)
+    assert f"left out (|g| grew past {bound:g}x): lr {steep:g}" in stdout
+    assert "|g| growth" in stdout.splitlines()[0] and "(steep)" in stdout
+    code, stdout, _ = run(*tune_argv(world, tuned["out"]))  # without the bound: the best dev again
+    assert json.loads((tuned["out"] / "tune.json").read_text())["pick"]["lr"] == LEARNS
 
 
 def test_tune_train_runs_the_full_run_at_the_pick(world):

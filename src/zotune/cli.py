@@ -121,6 +121,7 @@ def run_tune(args: argparse.Namespace, train_after: bool, auto: bool = False) ->
                   probe_forwards=option("probe_forwards", PROBE_FORWARDS), probe_dev=option("probe_dev", PROBE_DEV),
                   dev_fraction=option("dev_fraction", DEV_FRACTION), out=option("out", None),
                   train_after=train_after, center=cfg.lr if args.lr is not None or in_file else None,
+                  max_g_growth=option("max_g_growth", None),
                   say=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(result.text)
     print(f"written to {result.out / 'tune.json'}; each probe's run directory is under {result.out / 'probes'}")
@@ -374,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "probes' dev set (default: 200; 0 = use --dev-fraction alone)")
     p.add_argument("--dev-fraction", type=float, metavar="F", help="... but at most this fraction of the "
                    "training split (default: 0.2; 0 = use --probe-dev alone)")
+    p.add_argument("--max-g-growth", type=float, metavar="X", help="leave out of the pick the probes whose mean "
+                   "|slope| over their last quarter of steps grew past X times that of their first quarter (the "
+                   "table's |g| growth column), a sign of a divergence the short probe does not reach; e.g. 1.4. "
+                   "Default: off")
     p.add_argument("--out", help="output folder (default: runs/tune-<data>-<method>); re-running resumes it")
     p.add_argument("--train", action="store_true", help="after picking, run the full zotune train at the "
                    "picked lr (into --output-dir, else OUT/run)")

@@ -10,6 +10,15 @@ dev metric on that carved split, ties broken by the lower mean training loss of
 the last 10 steps; a probe that diverges (any :class:`ZOError` during its run:
 a non-finite loss, the loss-explosion guard) counts as failed and is never picked.
 
+The table also shows each probe's |g| growth: the mean |slope| of its last
+quarter of steps over that of its first quarter. Where it grew, the run was
+moving into steeper ground. In the regime study's ZO-SGD arm on Rotten Tomatoes
+(docs/benchmarks.md), 14 of the 15 full runs whose picked probe had grown its
+|g| by 1.4x or more ended below their zero-shot dev accuracy, against 4 of the
+24 runs whose probe had not: a late divergence the quarter-budget probe's dev
+accuracy did not show. ``--max-g-growth X`` leaves such probes out of the pick
+(off by default: the rule is read off one task).
+
 Output folder (``--out``, default ``runs/tune-<data>-<method>``)::
 
     probes/lr<LR>_eps<EPS>/   one ordinary run directory per probe (curves.png included)
@@ -48,6 +57,7 @@ PROBE_FORWARDS = 100
 PROBE_DEV = 200
 DEV_FRACTION = 0.2
 LAST = 10  # the tie-break: the mean training loss of the last 10 steps
+GROWTH_MIN_STEPS = 8  # |g| growth needs at least two steps in each quarter
 
 
 def default_grid(center: float) -> list[float]:
@@ -198,6 +208,21 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, s
     return ("resumed" if resume else "trained"), ""
 
 
+def g_growth(steps: list[dict]) -> float:
+    """Mean |g| (each step's mean over its queries) of the last quarter of ``steps`` over the first quarter's.
+
+    Why quarters of means: a probe has a few dozen to a few hundred steps, and one outlier slope should
+    not decide; NaN where the steps log no slopes (first-order) or are too few to split.
+    """
+    gs = [sum(abs(g) for g in r["g"]) / len(r["g"]) for r in steps if r.get("g")]
+    gs = [g for g in gs if math.isfinite(g)]
+    if len(gs) < GROWTH_MIN_STEPS:
+        return float("nan")
+    q = len(gs) // 4
+    early = sum(gs[:q]) / q
+    return sum(gs[-q:]) / q / early if early > 0 else float("nan")
+
+
 def probe_row(probe: Probe, what: str, error: str) -> dict:
     """A probe's line of the table, read back from its run directory."""
     run = read_run(probe.path)
@@ -208,34 +233,45 @@ def probe_row(probe: Probe, what: str, error: str) -> dict:
         "lr": probe.lr, "eps": probe.eps, "status": "ok" if run.summary else "failed",
         "dev_before": s.get("dev_before", before), "dev_after": s.get("dev_after", float("nan")),
         "train_loss_last": s.get("train_loss_last", sum(losses) / len(losses) if losses else float("nan")),
+        "g_growth": g_growth(run.steps),
         "metric": run.metric, "steps": len(run.steps), "forward_passes": run.forward_passes,
         "run_dir": str(probe.path), "error": error, "this_call": what in ("trained", "resumed", "failed"),
     }
 
 
-def pick(rows: list[dict]) -> dict | None:
-    """The best final dev metric; ties go to the lower training loss of the last 10 steps, then the smaller lr."""
+def steep(row: dict, max_g_growth: float | None) -> bool:
+    """Whether a probe's |g| grew past ``max_g_growth`` (never, when the bound is off or the growth unknown)."""
+    return max_g_growth is not None and row.get("g_growth", float("nan")) > max_g_growth
+
+
+def pick(rows: list[dict], max_g_growth: float | None = None) -> dict | None:
+    """The best final dev metric; ties go to the lower training loss of the last 10 steps, then the smaller lr.
+
+    With ``max_g_growth``, probes whose |g| grew past it are left out, unless that leaves none."""
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None
-    return min(ok, key=lambda r: (-r["dev_after"], r["train_loss_last"], r["lr"], r["eps"]))
+    calm = [r for r in ok if not steep(r, max_g_growth)] or ok
+    return min(calm, key=lambda r: (-r["dev_after"], r["train_loss_last"], r["lr"], r["eps"]))
 
 
 def _num(x: float, fmt: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{fmt}}"
 
 
-def table(rows: list[dict], chosen: dict | None) -> str:
-    """The probes as aligned text: lr, eps, dev before -> after, train loss (last 10), status, the pick."""
+def table(rows: list[dict], chosen: dict | None, max_g_growth: float | None = None) -> str:
+    """The probes as aligned text: lr, eps, dev before -> after, train loss (last 10), |g| growth, status, the pick."""
     metric = rows[0]["metric"] if rows else "accuracy"
-    head = ["lr", "eps", f"dev {metric} before -> after", f"train loss (last {LAST})", "status", ""]
+    head = ["lr", "eps", f"dev {metric} before -> after", f"train loss (last {LAST})", "|g| growth", "status", ""]
     lines = [head]
     for r in rows:
         status = "ok" if r["status"] == "ok" else "failed (below)"
+        status += " (steep)" if r["status"] == "ok" and steep(r, max_g_growth) else ""
         lines.append([f"{r['lr']:g}", f"{r['eps']:g}", f"{_num(r['dev_before'])} -> {_num(r['dev_after'])}",
-                      _num(r["train_loss_last"], ".4f"), status, "<- pick" if r is chosen else ""])
+                      _num(r["train_loss_last"], ".4f"), _num(r.get("g_growth", float("nan")), ".2f") + "x",
+                      status, "<- pick" if r is chosen else ""])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    right = {0, 1, 3}
+    right = {0, 1, 3, 4}
     text = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
             for line in lines]
     text += [f"lr {r['lr']:g} eps {r['eps']:g} failed: {' '.join(r['error'].split())}" for r in rows if r["error"]]
@@ -261,13 +297,14 @@ def default_out(cfg: TrainConfig) -> Path:
 def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float] | None = None,
          probe_forwards: int = PROBE_FORWARDS, probe_dev: int = PROBE_DEV, dev_fraction: float = DEV_FRACTION,
          out: str | Path | None = None, train_after: bool = False, center: float | None = None,
+         max_g_growth: float | None = None,
          say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> TuneResult:
     """Probe every (lr, eps) of the grid, pick one, write ``tune.json``; with ``train_after`` run the full
     ``cfg`` at the pick (into ``cfg.output_dir``, else ``OUT/run``).
 
     ``grid`` defaults to :func:`default_grid` around ``center`` (else the method's ``suggested_lr``);
     ``eps_grid`` defaults to ``cfg.eps`` alone. When every probe failed, ``pick`` is None and nothing
-    is trained.
+    is trained. ``max_g_growth``: leave out of the pick the probes whose |g| grew past it (:func:`g_growth`).
     """
     from .methods import get_method
     from .train import Summary, data_name
@@ -276,6 +313,7 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
             "zotune tune runs in one process; under torchrun, train the picked lr with zotune train")
     cfg.validate()
     require(probe_forwards >= 1, f"--probe-forwards must be >= 1, got {probe_forwards}")
+    require(max_g_growth is None or max_g_growth > 0, f"--max-g-growth must be > 0, got {max_g_growth}")
     method = get_method(cfg.method)
     if eps_grid and not uses_eps(cfg.method):
         raise ZOError(f"--eps-grid: method {cfg.method!r} takes no eps (its step is not a finite difference)")
@@ -299,10 +337,10 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
                   f"{_num(r['train_loss_last'], '.4f')}") if r["status"] == "ok" else error
         say(f"[{i}/{len(probes)}] lr {probe.lr:g} eps {probe.eps:g}: {what}: {result}")
 
-    chosen = pick(rows)
+    chosen = pick(rows, max_g_growth)
     total = sum(r["forward_passes"] for r in rows)
     now = sum(r["forward_passes"] for r in rows if r["this_call"])
-    lines = [table(rows, chosen), "",
+    lines = [table(rows, chosen, max_g_growth), "",
              f"cost: {total} forward passes of training in {len(rows)} probes ({now} in this call), plus two "
              f"evaluations of the {len(data.dev)} held-out dev examples per probe"]
     if chosen is None:
@@ -310,6 +348,13 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
     else:
         lines.append(f"pick: lr {chosen['lr']:g}" + (f", eps {chosen['eps']:g}" if len(eps_grid) > 1 else "")
                      + f" (dev {chosen['metric']} {chosen['dev_after']:.3f} on the held-out split)")
+        steep_ok = [r for r in rows if r["status"] == "ok" and steep(r, max_g_growth)]
+        if steep_ok and steep(chosen, max_g_growth):
+            lines.append(f"note: every probe's |g| grew past --max-g-growth {max_g_growth:g}, so the pick "
+                         f"ignores it")
+        elif steep_ok:
+            lines.append(f"left out (|g| grew past {max_g_growth:g}x): "
+                         + ", ".join(f"lr {r['lr']:g} ({r['g_growth']:.2f}x)" for r in steep_ok))
         if len(grid) > 1 and chosen["lr"] in (grid[0], grid[-1]):
             side = "smallest" if chosen["lr"] == grid[0] else "largest"
             lines.append(f"note: the pick is the grid's {side} lr; the best lr may lie beyond it "
@@ -317,7 +362,7 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
     record = {
         "method": cfg.method, "model": cfg.model, "data": data_name(cfg), "seed": cfg.seed,
         "probe_forwards": probe_forwards, "steps_per_probe": steps, "probe_train": len(data.train),
-        "probe_dev": len(data.dev), "grid": grid, "eps_grid": eps_grid, "rows": rows,
+        "probe_dev": len(data.dev), "grid": grid, "eps_grid": eps_grid, "max_g_growth": max_g_growth, "rows": rows,
         "pick": None if chosen is None else {k: chosen[k] for k in ("lr", "eps", "dev_after", "train_loss_last",
                                                                    "run_dir")},
         "total_forward_passes": total, "train_run": None,
