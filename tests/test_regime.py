@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from zotune import regime
 from zotune.bench import forwards_per_step
@@ -301,6 +302,34 @@ def test_report_only_rewrites_the_whole_selections_outputs_from_disk_and_trains_
     assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
     assert {name: (out / name).read_text() for name in before} == before
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_calm_pick_reruns_a_cell_at_its_best_probe_whose_slope_did_not_steepen(shrunk, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("calm_pick", REPO / "benchmarks" / "calm_pick.py")
+    calm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calm)
+    out, _, _ = shrunk
+    cell = next(c for c in regime.plan(regime.Study(**SHRUNK), out, prepare=False).cells
+                if c.entry.label == "mezo-lora-r4-fp32-sgd")
+    real = calm.probe_rows
+    original = calm.pick(real(cell))["lr"]
+
+    def steep_pick(c):  # as if the study's pick had tripled its |g| over the probe and every other probe calmed
+        return [{**r, "g_growth": 3.0 if r["lr"] == original else 0.5} for r in real(c)]
+
+    monkeypatch.setattr(calm, "probe_rows", steep_pick)
+    result = calm.compare(cell, out, tmp_path, [0], bound=1.4, train=True)
+    others = [r for r in real(cell) if r["status"] == "ok" and r["lr"] != original]
+    assert result["picked"]["lr"] == original and result["calm"]["lr"] == calm.pick(others)["lr"]
+    [run] = result["runs"]
+    run_dir = tmp_path / "runs" / cell.run_dir(0).name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lr"] == result["calm"]["lr"]
+    assert run["calm"]["test"] == summary["test_after"] and run["calm"]["dev_final"] == summary["dev_after"]
+    [studied] = [r for r in regime.read_ledger(out) if r["entry"] == cell.entry.label and r["seed"] == 0]
+    assert run["picked"]["test"] == studied["test"]  # the study's own run at the original pick, the same seed
+    assert result["calm_minus_picked"]["test"]["mean"] == pytest.approx(run["calm"]["test"] - studied["test"])
+    assert f"| {cell.entry.label} | synthetic | 1.4 | {original:g} (3.00x" in calm.markdown([result])
 
 
 def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk, tmp_path):
