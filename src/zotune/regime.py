@@ -1080,7 +1080,8 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
             for (task, _), rs in groups.items():
                 r0 = rs[0]
                 ok = [r for r in rs if r["status"] == "ok"]
-                pick = f"**{r0['lr']:g}**" + (" (edge)" if r0["lr_at_edge"] else "") if r0["lr"] == r0["lr"] else "none"
+                pick = f"**{r0['lr']:g}**" + (" (edge)" if r0["lr_at_edge"] else "") if r0["lr"] == r0["lr"] else \
+                    "not picked yet" if r0.get("error") == "lr not picked yet" else "none (every probe failed)"
                 grid = f"{min(r0['lr_grid']):g}..{max(r0['lr_grid']):g} ({len(r0['lr_grid'])}) → {pick}"
                 base = zs.get((task, r0["dtype"]), {})
                 gains = [r["test"] - base[r["seed"]] for r in ok if r["seed"] in base and r["test"] == r["test"]]
