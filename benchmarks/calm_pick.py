@@ -8,7 +8,7 @@ with the study's runs at the original pick, paired by seed: test accuracy (best-
 reports it), final dev accuracy, and whether dev ended below the untrained model's.
 
     python benchmarks/calm_pick.py --study /work/regime --out /work/calm --cells mezo-lora-r64-bf16-sgd --seeds 0
-    python benchmarks/calm_pick.py --study benchmarks/results/regime --out benchmarks/results/regime_calm_pick --report-only
+    python benchmarks/calm_pick.py --study benchmarks/results/regime --out benchmarks/results/regime_calm_pick --seeds 0 --report-only
 
 Writes OUT/calm_pick.json and OUT/calm_pick.md (the run directories go under OUT/runs/). Resumable: a finished
 run is read back, a killed one resumes from its trajectory. ``--study`` needs the cell's probes and the

@@ -487,7 +487,7 @@ def measured_pace(p: Plan, latest: int = PACE_LATEST) -> dict[str, float]:
     """Seconds per 16-example training forward that the study's own runs took, by base dtype.
 
     Why: the planned hours use one reference machine's pace (SECONDS_BF16, an AMX CPU), and the
-    same study ran ~5x slower in bf16 on a Xeon with avx512_bf16 but no AMX, where bf16 is also
+    same study ran about 4x slower in bf16 on a Xeon with avx512_bf16 but no AMX, where bf16 is also
     slower than fp32. What a resume still costs is better told by the pace of the runs in ``p.out``.
     Per dtype: the median over the ``latest`` most recently written runs and lr probes of their
     median step time / forwards per step (:func:`zotune.bench.step_seconds`, which skips evaluations
