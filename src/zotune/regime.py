@@ -60,7 +60,7 @@ from . import atomic, bench
 from .config import TrainConfig
 from .diagnostics.grad_cosine import QUERY_CONFIGS
 from .errors import ZOError, require
-from .tune import PROBE_DEV
+from .tune import PROBE_DEV, abs_slopes
 
 # ------------------------------------------------------------------------------------------ the protocol
 
@@ -579,7 +579,7 @@ def g_summary(run_dir: Path) -> dict:
     """|g| per step (mean over the step's queries): median over all steps, the first and the last 10%."""
     path = run_dir / "metrics.jsonl"
     steps = [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x] if path.exists() else []
-    gs = [sum(abs(g) for g in r["g"]) / len(r["g"]) for r in steps if r.get("g")]
+    gs = abs_slopes(steps)
     if not gs:
         return {"g_abs_median": float("nan"), "g_abs_early": float("nan"), "g_abs_late": float("nan")}
     k = max(1, len(gs) // 10)

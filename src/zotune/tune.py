@@ -208,14 +208,18 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, s
     return ("resumed" if resume else "trained"), ""
 
 
+def abs_slopes(steps: list[dict]) -> list[float]:
+    """Each logged step's |g|: the mean over its queries (steps that log no slopes are skipped)."""
+    return [sum(abs(g) for g in r["g"]) / len(r["g"]) for r in steps if r.get("g")]
+
+
 def g_growth(steps: list[dict]) -> float:
     """Mean |g| (each step's mean over its queries) of the last quarter of ``steps`` over the first quarter's.
 
     Why quarters of means: a probe has a few dozen to a few hundred steps, and one outlier slope should
     not decide; NaN where the steps log no slopes (first-order) or are too few to split.
     """
-    gs = [sum(abs(g) for g in r["g"]) / len(r["g"]) for r in steps if r.get("g")]
-    gs = [g for g in gs if math.isfinite(g)]
+    gs = [g for g in abs_slopes(steps) if math.isfinite(g)]
     if len(gs) < GROWTH_MIN_STEPS:
         return float("nan")
     q = len(gs) // 4
