@@ -506,3 +506,41 @@ def test_verdicts_of_a_study_not_run_yet_say_so_without_empty_numbers(tmp_path):
     assert "(synthetic: not run yet)" in text and "-: not run yet" not in text
     secondary = [ln for ln in text.splitlines() if ln.startswith("- secondary")]
     assert secondary and all(ln.endswith(f": - ({regime.NOT_RUN})") for ln in secondary)
+
+
+def test_a_study_keeps_its_base_dtype_when_resumed_on_a_machine_without_native_bf16(tmp_path, monkeypatch, capsys):
+    """A study spans sessions on machines that differ. Its base is bf16 where the CPU computes bf16 natively;
+    resumed on a CPU without it, re-resolving would turn its bf16 cells into fp32 ones and orphan their runs.
+    The first run pins the base in OUT; a resume keeps it, says bf16 is emulated here, and --dtypes fp32
+    runs only the fp32 cells."""
+    import zotune.hardware
+
+    out = tmp_path / "study"
+    monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: True)
+    first = regime.plan(regime.Study(**SHRUNK), out)  # prepare: the first run pins its base
+    assert json.loads((out / regime.BASE_PIN).read_text())["base_dtype"] == "bfloat16"
+    labels = [c.entry.label for c in first.cells]
+    assert "ar1zo-r4-bf16-sgd" in labels and "ar1zo-r4-fp32-sgd" in labels and not first.here
+
+    monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: False)
+    resumed = regime.plan(regime.Study(**SHRUNK), out, prepare=False)
+    assert [c.entry.label for c in resumed.cells] == labels
+    assert "emulated" in " ".join(resumed.here) and "--dtypes fp32" in regime.describe(resumed)
+    here = regime.plan(regime.Study(**SHRUNK, dtypes=("float32",)), out, prepare=False)
+    assert {c.entry.dtype for c in here.cells} == {"float32"} and not here.here
+    assert {c.entry.label for c in here.cells} == {c.entry.label for c in first.cells if c.entry.dtype == "float32"}
+    with pytest.raises(ZOError, match="ran on a bfloat16 base"):
+        regime.plan(regime.Study(**SHRUNK, base_dtype="fp32"), out, prepare=False)
+
+    # a fresh study on this machine: fp32 base, no bf16 cells; a study from before the pin file: read off its folders
+    assert {c.entry.dtype for c in regime.plan(regime.Study(**SHRUNK), tmp_path / "new", prepare=False).cells} == \
+        {"float32"}
+    old = tmp_path / "old"
+    (old / "runs" / "ar1zo-r4-bf16-sgd__synthetic__s0").mkdir(parents=True)
+    assert regime.plan(regime.Study(**SHRUNK), old, prepare=False).base == "bfloat16"
+    forced = regime.plan(regime.Study(**SHRUNK, base_dtype="bf16"), tmp_path / "forced", prepare=False)
+    assert "ar1zo-r4-bf16-sgd" in [c.entry.label for c in forced.cells]
+    assert main(["bench", "--preset", "regime", "--dtypes", "fp16", "--dry-run", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown dtype 'fp16'" in capsys.readouterr().err
+    assert main(["bench", "--preset", "quick", "--dtypes", "fp32", "--dry-run"]) == 2
+    assert "--dtypes applies to the study presets" in capsys.readouterr().err

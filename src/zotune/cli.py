@@ -298,7 +298,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return importlib.import_module(STUDIES[args.preset][0]).main(args)
     if args.preset not in PRESETS:
         raise ZOError(f"unknown preset {args.preset!r}; choose one of: {', '.join([*PRESETS, *STUDIES])}")
-    study_flags = [f for f in ("arms", "claims", "ranks", "shard") if getattr(args, f) is not None]
+    study_flags = [f for f in ("arms", "claims", "ranks", "shard", "base_dtype", "dtypes")
+                   if getattr(args, f) is not None]
     study_flags += [f for f in ("skip_diagnostics", "report_only") if getattr(args, f, False)]
     if study_flags:
         raise ZOError(f"--{study_flags[0].replace('_', '-')} applies to the study presets "
@@ -506,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        "the largest is also run in fp32)")
     study.add_argument("--shard", metavar="K/N", help="this process runs every N-th (entry, task) from the K-th, "
                                                       "so N processes share one --out (e.g. 0/2 and 1/2 on 2 cores)")
+    study.add_argument("--base-dtype", choices=("auto", "bf16", "fp32"),
+                       help="the study's base (default auto: bf16 where the CPU or GPU computes it natively, fp32 "
+                            "otherwise); the first run pins it in OUT/base_dtype.json, so a study resumed on "
+                            "another machine keeps its cells")
+    study.add_argument("--dtypes", help="comma-separated dtypes of the cells to run here (bf16, fp32; default: "
+                                        "all), e.g. fp32 on a CPU without native bf16, where bf16 is emulated "
+                                        "and several times slower")
     study.add_argument("--skip-diagnostics", action="store_true", help="no gradient-cosine diagnostics")
     study.add_argument("--report-only", action="store_true",
                        help="train nothing: rewrite results.json, tables, verdicts, g_summary.md and the PNGs "

@@ -173,6 +173,8 @@ class Study:
     diag_ns: tuple[int, ...] = (1, 4, 16, 64)
     diag_points: tuple[str, ...] = ("init", "warm")
     shard: tuple[int, int] = (0, 1)  # (k, n): this process does every n-th (entry, task) from the k-th
+    base_dtype: str = "auto"  # the base of the "base" cells: auto (bf16 where native) | bfloat16 | float32
+    dtypes: tuple[str, ...] | None = None  # run only the cells of these dtypes (bfloat16, float32)
 
     def budget_for(self, task: str) -> int:
         return self.budget or BUDGETS.get(task, DEFAULT_BUDGET)
@@ -271,7 +273,9 @@ class Plan:
     out: Path
     entries: list[Entry]
     cells: list[Cell]
-    notes: list[str]
+    notes: list[str]  # about the study: written into its tables and results.json
+    base: str = "float32"  # the base dtype of the "base" cells (pinned in OUT)
+    here: list[str] = field(default_factory=list)  # about this machine only: printed, never written
 
     def other_rows(self) -> list[dict]:
         """The rows of results.json for cells outside this plan, read when results.json is written, not
@@ -292,21 +296,70 @@ def read_ledger(out: Path) -> list[dict]:
         raise ZOError(f"{path}: not a regime results file ({exc}); move it away to start afresh") from None
 
 
-def resolve_dtype(variant: Variant, device: str = "cpu") -> str:
+def resolve_dtype(variant: Variant, base: str) -> str:
+    """A variant's dtype in a study whose base is ``base`` (bfloat16 | float32): fp32 for the contrast and
+    for methods that train base weights (bf16 would round their updates away), ``base`` otherwise."""
+    from .methods import get_method
+
+    cls = get_method(QUERY_CONFIGS[variant.config][0]["method"])
+    if variant.precision == "fp32" or not cls.bf16_base or getattr(cls, "trains_base_dtype", False):
+        return "float32"
+    return base
+
+
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+BASE_PIN = "base_dtype.json"
+
+
+def dtype_name(word: str, what: str = "--dtypes") -> str:
+    require(word in DTYPE_NAMES, f"{what}: unknown dtype {word!r}; choose from bf16, fp32")
+    return DTYPE_NAMES[word]
+
+
+def pinned_base(out: Path) -> tuple[str, str] | None:
+    """The base dtype a study in ``out`` already ran on, and where that was read: its pin file, else its folders.
+
+    Why pinned: the protocol's base is bf16 where the CPU computes it natively, and a study spans many
+    sessions on machines that differ (a Xeon with avx512_bf16, an EPYC without). Re-resolving on each
+    would turn a resumed study's bf16 cells into fp32 ones and drop the runs already made.
+    """
+    path = out / BASE_PIN
+    if path.exists():
+        try:
+            return dtype_name(str(json.loads(path.read_text())["base_dtype"]), str(path)), f"pinned in {path}"
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ZOError(f"{path}: not a base-dtype pin ({exc}); expected {{\"base_dtype\": \"bfloat16\"}}") from None
+    names = [d.name for sub in ("tune", "runs") if (out / sub).is_dir() for d in (out / sub).iterdir()]
+    if any("-bf16-" in n for n in names):
+        return "bfloat16", f"the study's bf16 folders in {out}"
+    if any(r.get("rank") and "base" in r.get("roles", ()) for r in read_ledger(out)):
+        return "float32", f"the study's fp32 base runs in {out / 'results.json'}"
+    return None
+
+
+def study_base(study: Study, out: Path, device: str) -> tuple[str, str]:
+    """The study's base dtype and why: ``--base-dtype``, else its pin in ``out``, else this machine's auto."""
     from .hardware import pick_dtype
     from .methods import get_method
 
-    if variant.precision == "fp32":
-        return "float32"
-    cls = get_method(QUERY_CONFIGS[variant.config][0]["method"])
-    return pick_dtype("auto", device, cls, need_speedup=False).name  # the protocol: bf16 wherever native
+    pinned = pinned_base(out)
+    if study.base_dtype != "auto":
+        want = dtype_name(study.base_dtype, "--base-dtype")
+        require(pinned is None or pinned[0] == want,
+                f"--base-dtype {study.base_dtype}: the study in {out} ran on a {pinned and pinned[0]} base "
+                f"({pinned and pinned[1]}); resume it without --base-dtype, or give a new --out")
+        return want, f"--base-dtype {study.base_dtype}"
+    if pinned:
+        return pinned
+    chosen = pick_dtype("auto", device, get_method("mezo-lora"), need_speedup=False)
+    return chosen.name, chosen.reason
 
 
 def entry_label(v: Variant, dtype: str, arm: str) -> str:
     return f"{v.name}" + (f"-r{v.rank}" if v.rank else "") + f"-{'bf16' if dtype == 'bfloat16' else 'fp32'}-{arm}"
 
 
-def plan_entries(study: Study, device: str = "cpu") -> tuple[list[Entry], list[str]]:
+def plan_entries(study: Study, base: str = "float32") -> tuple[list[Entry], list[str]]:
     from .tune import default_grid
 
     notes = []
@@ -322,7 +375,9 @@ def plan_entries(study: Study, device: str = "cpu") -> tuple[list[Entry], list[s
             for v in claim_variants(claim, study.ranks, study.contrast_rank):
                 if study.methods and v.name not in study.methods:
                     continue
-                dtype = resolve_dtype(v, device)
+                dtype = resolve_dtype(v, base)
+                if study.dtypes and dtype not in study.dtypes:
+                    continue
                 label = entry_label(v, dtype, arm)
                 if label in entries:
                     e = entries[label]
@@ -371,8 +426,9 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
     from .hardware import pick_device
 
     device = pick_device(str(study.settings.get("device", "auto")))
-    entries, notes = plan_entries(study, device)
-    require(bool(entries), "the study has no entries (check --methods, --claims, --arms)")
+    base, why = study_base(study, out, device)
+    entries, notes = plan_entries(study, base)
+    require(bool(entries), "the study has no entries (check --methods, --claims, --arms, --dtypes)")
     require(bool(study.seeds), "the study has no seeds")
     require(0 < study.probe_fraction <= 1, f"probe fraction must be in (0, 1], got {study.probe_fraction}")
     common = dict(study.settings)
@@ -383,7 +439,8 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
     seen: dict[str, Cell] = {}
     selected = {e.label: e for e in entries}
     # twins are looked for among every entry, so a narrower run (--methods) still reads an unselected twin
-    every = plan_entries(dataclasses.replace(study, methods=None), device)[0] if study.methods else entries
+    every = plan_entries(dataclasses.replace(study, methods=None, dtypes=None), base)[0] \
+        if study.methods or study.dtypes else entries
     for task in study.tasks:
         data = task_settings(task, out, str(common.get("data_dir", "")), write=prepare)
         budget = study.budget_for(task)
@@ -411,7 +468,18 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
                     twin.entry.label
             if entry.label in selected:
                 cells.append(cell)
-    return Plan(study, out, entries, cells, notes)
+    here = []
+    if base == "bfloat16" and device == "cpu" and any(e.dtype == "bfloat16" for e in entries):
+        from .hardware import cpu_has_native_bf16
+
+        if not cpu_has_native_bf16():
+            here.append(f"this CPU has no native bf16 (no avx512_bf16/AMX), but the study's base is bf16 ({why}): "
+                        f"its bf16 cells run emulated here, several times slower than fp32; --dtypes fp32 runs "
+                        f"only the fp32 cells and leaves the bf16 ones to a machine that computes bf16")
+    if prepare and not (out / BASE_PIN).exists():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(out / BASE_PIN, json.dumps({"base_dtype": base, "why": why}, indent=1) + "\n")
+    return Plan(study, out, entries, cells, notes, base, here)
 
 
 def run_config(cell: Cell, seed: int, lr: float) -> TrainConfig:
@@ -550,6 +618,7 @@ def describe(p: Plan) -> str:
                                      for d in sorted(pace)) + " per training forward, from their step times): "
                          f"left about {hours(here['hours'])}")
     lines += [f"note: {n}" for n in p.notes]
+    lines += [f"on this machine: {n}" for n in p.here]
     return "\n".join(lines)
 
 
@@ -1268,7 +1337,8 @@ def main(args, say: Callable[[str], None] = lambda msg: print(msg, file=sys.stde
                   claims=tuple(words(getattr(args, "claims", None)) or CLAIMS), ranks=ranks,
                   contrast_rank=max(ranks), methods=tuple(words(args.methods)) if args.methods else None,
                   budget=args.budget, settings=settings, diagnostics=not getattr(args, "skip_diagnostics", False),
-                  shard=shard)
+                  shard=shard, base_dtype=getattr(args, "base_dtype", None) or "auto",
+                  dtypes=tuple(dtype_name(w) for w in words(getattr(args, "dtypes", None)) or ()) or None)
     out = Path(args.out or "runs/bench-regime")
     if args.dry_run:
         print(describe(plan(study, out, prepare=False)))
