@@ -544,3 +544,29 @@ def test_a_study_keeps_its_base_dtype_when_resumed_on_a_machine_without_native_b
     assert "unknown dtype 'fp16'" in capsys.readouterr().err
     assert main(["bench", "--preset", "quick", "--dtypes", "fp32", "--dry-run"]) == 2
     assert "--dtypes applies to the study presets" in capsys.readouterr().err
+
+
+def test_the_tables_show_how_far_each_picked_probes_slope_grew(shrunk, tmp_path):
+    """A pick whose |g| grew during its probe foretold a collapse in the ZO-SGD arm; each cell's row shows that
+    growth, read from the picked probe's own metrics even where tune.json predates the field and was written
+    on another machine (its run_dir an absolute path that is not here)."""
+    import dataclasses
+
+    out, _, _ = shrunk
+    cell = next(c for c in regime.plan(regime.Study(**SHRUNK), out, prepare=False).cells)
+    cell = dataclasses.replace(cell, tune_out=tmp_path / "tune")
+    probe = cell.tune_out / "probes" / "lr0.01_eps0.01"
+    probe.mkdir(parents=True)
+    (probe / "config.yaml").write_text("method: ar1zo\n")
+    slopes = [1.0] * 4 + [2.0] * 8 + [3.0] * 4  # first quarter |g| 1, last quarter 3
+    (probe / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 0.7, "g": [(-1) ** i * g]}) + "\n"
+                                                 for i, g in enumerate(slopes)))
+    chosen = {"lr": 0.01, "dev_after": 0.6, "run_dir": "/elsewhere/tune/x/probes/lr0.01_eps0.01"}
+    assert regime.pick_g_growth(cell, chosen) == pytest.approx(3.0)
+    assert regime.pick_g_growth(cell, {**chosen, "g_growth": 1.25}) == 1.25  # tune.json's own field wins
+    assert math.isnan(regime.pick_g_growth(cell, {**chosen, "run_dir": "/elsewhere/lr9_eps0.01"}))
+    assert math.isnan(regime.pick_g_growth(cell, None))
+    tables = (out / "tables.md").read_text()
+    assert "| pick's \\|g\\| growth |" in tables and "1.4x or more foretold a collapse" in tables
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert all("lr_pick_g_growth" in r for r in rows)  # NaN here: the shrunk probes are 2 steps, too few to split

@@ -60,7 +60,7 @@ from . import atomic, bench
 from .config import TrainConfig
 from .diagnostics.grad_cosine import QUERY_CONFIGS
 from .errors import ZOError, require
-from .tune import PROBE_DEV, abs_slopes
+from .tune import PROBE_DEV, abs_slopes, g_growth
 
 # ------------------------------------------------------------------------------------------ the protocol
 
@@ -661,10 +661,11 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
     """The cell's result rows (bench's row format + the study's fields), read back from the run directories."""
     rows = []
     lr = chosen["lr"] if chosen else float("nan")
+    growth = pick_g_growth(cell, chosen)
     for seed in seeds:
         kept = cell.kept_row(seed, lr) if chosen else None
         if kept:
-            rows.append(kept)
+            rows.append({**kept, "lr_pick_g_growth": growth})
             continue
         cfg = run_config(cell, seed, lr if chosen else cell.base.lr)
         run = bench.Run(bench.Entry(cell.entry.label, cell.entry.settings, lr, chosen is not None,
@@ -683,6 +684,7 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
                   "claims": list(e.claims), "arm": e.arm, "rank": e.variant.rank or 0,
                   "dtype": summary.get("dtype", e.dtype), "roles": list(e.roles), "quantize": e.variant.quantize,
                   "lr": lr, "lr_grid": grid, "lr_pick_dev": chosen["dev_after"] if chosen else float("nan"),
+                  "lr_pick_g_growth": growth,
                   "lr_at_edge": bool(chosen) and len(grid) > 1 and lr in (min(grid), max(grid)),
                   "probe_forwards": cell.probe_forwards, "tune": str(tune_json or ""), "budget": cell.budget,
                   "same_runs_as": cell.twin,
@@ -692,6 +694,24 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
         r["curve"] = bench.dev_curve(run)
         rows.append(r)
     return rows
+
+
+def pick_g_growth(cell: Cell, chosen: dict | None) -> float:
+    """The picked probe's |g| growth (:func:`zotune.tune.g_growth`), read back from its metrics.
+
+    Why in the tables: in the ZO-SGD arm on Rotten Tomatoes, picks whose |g| had grown 1.4x or more
+    during their probe foretold full runs that collapsed below zero-shot (docs/benchmarks.md); the
+    column lets a reader check that sign on every cell. NaN where the probe's folder is not here.
+    """
+    if not chosen:
+        return float("nan")
+    if math.isfinite(chosen.get("g_growth", float("nan"))):
+        return chosen["g_growth"]
+    from .report import read_run
+
+    probe = cell.tune_out / "probes" / Path(str(chosen.get("run_dir", ""))).name
+    return g_growth(read_run(probe).steps) if chosen.get("run_dir") and (probe / "metrics.jsonl").exists() \
+        else float("nan")
 
 
 def run_cell(cell: Cell, study: Study, retry_failed: bool, say) -> list[dict]:
@@ -1127,7 +1147,9 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
              "base's accuracy on the same seed's split in the run's dtype (the unquantized base for int8 runs), "
              "mean over seeds. Differences are paired by seed; the interval is the 95% t-interval of the "
              "mean paired difference. lr grid: the values zotune tune probed (→ the pick; '(edge)': still at the "
-             "grid's edge after extending it, so a better lr may lie beyond). ended below start: seeds whose final "
+             "grid's edge after extending it, so a better lr may lie beyond). pick's |g| growth: mean |g| over the "
+             "last quarter of the picked probe's steps / over its first quarter (1.4x or more foretold a "
+             "collapse in the ZO-SGD arm on Rotten Tomatoes). ended below start: seeds whose final "
              "dev accuracy is below the untrained model's (where a run that diverged after its best-dev checkpoint "
              "ends, its test still taken from that checkpoint).", ""]
     lines += [f"- {n}" for n in p.notes]
@@ -1141,8 +1163,8 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
         for arm in p.study.arms:
             sel = [r for r in rows if claim_name in r["claims"] and r["arm"] == arm]
             lines += [f"### {ARM_NAMES[arm]} arm", "",
-                      "| task | method | r | dtype | lr grid → pick | ok/seeds | dev final | ended below start | test "
-                      "| − zero-shot |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| task | method | r | dtype | lr grid → pick | pick's \\|g\\| growth | ok/seeds | dev final "
+                      "| ended below start | test | − zero-shot |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             groups: dict[tuple, list[dict]] = {}
             for r in sel:
                 groups.setdefault((r["task"], r["entry"]), []).append(r)
@@ -1156,7 +1178,9 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
                 gains = [r["test"] - base[r["seed"]] for r in ok if r["seed"] in base and r["test"] == r["test"]]
                 gain = f"{statistics.mean(gains):+.3f}" if gains else "-"
                 below = sum(r["dev_final"] < r["dev_before"] for r in ok)
+                growth = r0.get("lr_pick_g_growth", float("nan"))
                 lines.append(f"| {task} | {r0['method']} | {r0['rank'] or '-'} | {r0['dtype']} | {grid} | "
+                             f"{f'{growth:.2f}x' if math.isfinite(growth) else '-'} | "
                              f"{len(ok)}/{len(rs)} | {_ms([r['dev_final'] for r in ok])} | "
                              f"{f'{below}/{len(ok)}' if ok else '-'} | "
                              f"{_ms([r['test'] for r in ok])} | {gain} |")
