@@ -203,7 +203,7 @@ def test_the_cpu_is_asked_through_torch_and_the_run_records_the_pick(tiny_llama,
     """Whatever this CPU has, a run with --dtype auto says what it picked and why, in config.yaml and
     the summary, and a resume uses the recorded dtype."""
     from zotune.cli import main
-    from zotune.hardware import BF16_MIN_SPEEDUP, cpu_bf16_speedup, cpu_has_native_bf16
+    from zotune.hardware import BF16_MIN_SPEEDUP, cpu_bf16_speedup, cpu_has_native_bf16, cpu_name
 
     expected = "bfloat16" if cpu_has_native_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "float32"
     out = tmp_path / "run"
@@ -214,6 +214,7 @@ def test_the_cpu_is_asked_through_torch_and_the_run_records_the_pick(tiny_llama,
     assert f"dtype: {expected}" in config and f"# dtype {expected}: auto: this CPU" in config
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dtype"] == expected and summary["dtype_reason"].startswith("auto: this CPU")
+    assert summary["machine"] == cpu_name()  # which machine a run trained on (a study's runs span several)
     assert main(["train", "--resume", str(out), "--steps", "3", "--progress", "false"]) == 0
     assert json.loads((out / "summary.json").read_text())["dtype"] == expected
     assert (out / "config.yaml").read_text().startswith(f"# dtype {expected}")  # the note survives a rewrite

@@ -255,6 +255,9 @@ def test_a_shrunk_study_writes_tables_pngs_and_verdicts(shrunk):
     assert row.endswith(f" {gain:+.3f} |")
     below = sum(r["dev_final"] < r["dev_before"] for r in runs)  # seeds that ended below the untrained model
     assert f" | {below}/{len(runs)} | " in row
+    from zotune.hardware import cpu_name
+
+    assert {r["machine"] for r in runs} == {cpu_name()} and f"finished runs by machine: {cpu_name()}: " in tables
     verdicts = (out / "verdicts.md").read_text()
     assert regime.RULE_BETTER in verdicts and regime.RULE_TASKS in verdicts
     primary = [line for line in verdicts.splitlines() if line.startswith("- **")]

@@ -61,6 +61,17 @@ def cpu_name() -> str:
     return f"{name} [{' '.join(isa)}]"
 
 
+def machine_name(device: str) -> str:
+    """What a run trained on: the GPU's name on CUDA, else the CPU's model and bf16-relevant flags.
+
+    Why a run records it: a study that spans sessions runs on machines that differ (bf16 native on one,
+    emulated on the next), and its results should say which runs came from where.
+    """
+    if device == "cuda" and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA)"
+    return cpu_name()
+
+
 def measure_bf16_speedup(repeats: int = 3) -> float:
     """fp32 time / bf16 time of one forward of a 2-layer SmolLM2-shaped Llama (16 x 64 tokens, 1 thread).
 

@@ -52,6 +52,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -682,7 +683,8 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
         e = cell.entry
         r.update({"method": e.variant.name, "entry": e.label, "config": e.variant.config, "claim": ",".join(e.claims),
                   "claims": list(e.claims), "arm": e.arm, "rank": e.variant.rank or 0,
-                  "dtype": summary.get("dtype", e.dtype), "roles": list(e.roles), "quantize": e.variant.quantize,
+                  "dtype": summary.get("dtype", e.dtype), "machine": summary.get("machine", ""),
+                  "roles": list(e.roles), "quantize": e.variant.quantize,
                   "lr": lr, "lr_grid": grid, "lr_pick_dev": chosen["dev_after"] if chosen else float("nan"),
                   "lr_pick_g_growth": growth,
                   "lr_at_edge": bool(chosen) and len(grid) > 1 and lr in (min(grid), max(grid)),
@@ -1153,6 +1155,9 @@ def tables(p: Plan, rows: list[dict], comps: list[Comparison],
              "dev accuracy is below the untrained model's (where a run that diverged after its best-dev checkpoint "
              "ends, its test still taken from that checkpoint).", ""]
     lines += [f"- {n}" for n in p.notes]
+    machines = Counter(r.get("machine") or "not recorded (runs before the field)" for r in rows if r["status"] == "ok")
+    if machines:
+        lines.append("- finished runs by machine: " + "; ".join(f"{m}: {n}" for m, n in sorted(machines.items())))
     if zs:
         lines += ["", "Zero-shot (no training) on each seed's test split:", "", "| task | dtype | seeds | test |",
                   "|---|---|---|---|"]

@@ -17,7 +17,7 @@ from . import distributed
 from .batched import step_batched, use_batched
 from .config import TrainConfig
 from .errors import ZOError, require
-from .hardware import peak_memory_mb
+from .hardware import machine_name, peak_memory_mb
 from .metrics import metric_name, score_split
 from .models import describe_placement
 from .report import plot_run
@@ -50,6 +50,7 @@ class Summary:
     metric: str = "accuracy"  # the task's metric (SQuAD: f1), which dev_* and test_after are in
     dtype: str = "float32"  # the base weights' dtype, and why it was picked
     dtype_reason: str = ""
+    machine: str = ""  # the CPU (model, bf16 flags) or GPU it trained on: a study's runs span machines
 
     def text(self) -> str:
         lines = [
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
         trainable_params=method.num_trainable(), adapter=str(rundir.path / "adapter"), metric=metric,
         adapter_bytes=safetensors_bytes(rundir.path / "adapter"),
         trajectory_bytes=(rundir.path / "trajectory.jsonl").stat().st_size,
-        dtype=run.precision.name, dtype_reason=run.precision.reason,
+        dtype=run.precision.name, dtype_reason=run.precision.reason, machine=machine_name(run.device),
     )
     rundir.write_summary(summary.__dict__)
     plot_run(rundir.path)  # curves.png: training loss and dev metric against forward passes
