@@ -115,6 +115,8 @@ def test_params_can_be_named_explicitly_and_bad_ones_are_refused():
         zotune.ZOOptimizer(net, method="mezo", eps=0)
     with pytest.raises(ZOError, match="needs a closure"):
         zotune.ZOOptimizer(net, method="mezo").step()
+    with pytest.raises(ZOError, match="scheduled by torch.optim.lr_scheduler"):  # zotune train's, not here
+        zotune.ZOOptimizer(net, method="mezo", lr_schedule="linear")
 
 
 # -- any objective, any module -----------------------------------------------------------------

@@ -36,12 +36,14 @@ def test_replay_rebuilds_the_saved_adapter_bit_for_bit(tiny_llama, tmp_path, cap
     assert '"bit_identical": true' in capsys.readouterr().out
 
 
-def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, tmp_path):
+@pytest.mark.parametrize("schedule", [(), ("--lr-schedule", "cosine", "--warmup-steps", "3")],
+                         ids=["constant-lr", "cosine-with-warmup"])
+def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, tmp_path, schedule):
     reference = tmp_path / "reference"
-    assert main(args_for(tiny_llama, reference)) == 0
+    assert main(args_for(tiny_llama, reference, 12, *schedule)) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "zotune.cli", *args_for(tiny_llama, killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "zotune.cli", *args_for(tiny_llama, killed, 12, *schedule)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trajectory = killed / "trajectory.jsonl"
     deadline = time.time() + 120
@@ -67,3 +69,30 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("steps: 3\n")
     assert main(["train", "--resume", str(tmp_path), "--lr", "1"]) == 2
     assert "only --steps and --progress may change" in capsys.readouterr().err
+
+
+def test_an_lr_schedule_is_a_function_of_the_step_logged_with_each_step_and_replayed(tiny_llama, tmp_path, capsys):
+    """linear and cosine decay from lr to 0 over the run, after an optional linear warmup; each step's lr is in
+    its trajectory line, so replay rebuilds the adapter bit for bit, and a resume may not change the run's
+    length (the steps taken had the lrs of that length)."""
+    import json
+
+    from zotune.optim import lr_at
+
+    assert [lr_at(1.0, s, 4, "constant") for s in range(4)] == [1.0] * 4
+    assert [lr_at(1.0, s, 4, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert lr_at(1.0, 0, 10, "cosine") == 1.0 and lr_at(1.0, 5, 10, "cosine") == pytest.approx(0.5)
+    assert [lr_at(1.0, s, 10, "linear", warmup_steps=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(1.0, 4, 10, "linear", warmup_steps=4) == 1.0 and 0 < lr_at(1.0, 9, 10, "linear", 4) < 0.2
+
+    out = tmp_path / "run"
+    assert main(args_for(tiny_llama, out, 6, "--lr-schedule", "linear", "--warmup-steps", "2")) == 0
+    lrs = [json.loads(line)["lr"] for line in (out / "trajectory.jsonl").read_text().splitlines()]
+    assert lrs == [lr_at(0.05, s, 6, "linear", 2) for s in range(6)] and lrs[1] == lrs[2] == 0.05 > lrs[3] > lrs[5] > 0
+    capsys.readouterr()
+    assert main(["replay", str(out)]) == 0
+    assert '"bit_identical": true' in capsys.readouterr().out
+    assert main(["train", "--resume", str(out), "--steps", "8", "--progress", "false"]) == 2
+    assert "--steps cannot change on resume under lr_schedule linear" in capsys.readouterr().err
+    assert main(["train", "--lr-schedule", "step", "--steps", "1"]) == 2
+    assert "lr_schedule must be one of constant, linear, cosine, got 'step'" in capsys.readouterr().err

@@ -165,6 +165,11 @@ class ZOOptimizer(torch.optim.Optimizer):
                           "unlike torch.optim it chooses the trainable tensors itself (method=...)")
         if params is not None and method != "params":
             raise ZOError(f"params= selects tensors for method='params'; method {method!r} chooses its own")
+        for key in ("lr_schedule", "warmup_steps"):
+            if key in settings:  # zotune train's schedule; here the lr is param_groups[0]["lr"], as in torch.optim
+                raise ZOError(f"{key}=: ZOOptimizer is a torch.optim.Optimizer, so its lr is scheduled by "
+                              f"torch.optim.lr_scheduler (e.g. LinearLR(opt, 1.0, 0.0, total_iters=steps)), "
+                              f"which writes the param_groups[0]['lr'] each step reads")
         self.config = cfg = _config(method, lr, eps, queries, optimizer, seed, dict(settings))
         cls = get_method(method)
         self.method = cls(cfg, params=params) if cls is ParamsMethod else cls(cfg)

@@ -16,6 +16,7 @@ import yaml
 
 from .engine import DIFFERENCES, RESTORES
 from .errors import ZOError, require
+from .optim import LR_SCHEDULES
 from .options import coerce, default_of, is_number, setting
 
 
@@ -47,6 +48,9 @@ class TrainConfig:
     lr: float = _f(2e-3, "learning rate; unset: the method's own (`zotune methods` lists them: 2e-3 for the "
                          "default zoact with Adam, 1.5e-2 ar1zo, 3e-3 mezo-lora, 1e-6 mezo), or auto: probe a "
                          "log grid on a dev split carved from train first (zotune tune)")
+    lr_schedule: str = _f("constant", "lr over the run: constant (MeZO's) | linear (from lr down to 0 at the last "
+                                      "step) | cosine (half a cosine from lr to 0); after the warmup, if any")
+    warmup_steps: int = _f(0, "steps over which the lr first rises linearly from lr/N to lr")
     eps: float = _f(1e-2, "perturbation size epsilon")
     queries: int = _f(2, "queries (directions) per step; each costs two forward passes (one with "
                          "--difference forward); unset: the method's own (2 for zoact, 1 for the others)")
@@ -133,6 +137,9 @@ class TrainConfig:
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(math.isfinite(self.lr) and self.lr >= 0, f"lr must be >= 0, got {self.lr}")
         require(math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(self.lr_schedule in LR_SCHEDULES,
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         require(self.queries >= 1, f"queries must be >= 1, got {self.queries}")
         require(self.difference in DIFFERENCES, f"unknown difference {self.difference!r}; choose one of: "
                                                 f"{', '.join(DIFFERENCES)}")

@@ -11,6 +11,7 @@ makes them affordable for the small query spaces and not for full-parameter MeZO
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -146,3 +147,26 @@ def make_optimizer(name: str, weight_decay: float = 0.0, momentum: float = 0.9,
     if name == "adam":
         return ZOAdam(weight_decay, tuple(betas))
     raise ZOError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_at(lr: float, step: int, steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
+    """The lr of step ``step`` (0-based) of a ``steps``-step run.
+
+    Why a schedule at all: at a constant lr, ZO runs of the LoRA family often peak and then collapse
+    (docs/benchmarks.md, regime study): the estimate's variance does not shrink as the loss does, so
+    a step size that helps early overshoots late. linear and cosine decay to 0 at the end; a warmup
+    rises from lr/warmup_steps to lr first. A pure function of the step: resume and replay are exact.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    t = (step - warmup_steps) / max(1, steps - warmup_steps)  # 0 at the first step after warmup, < 1 at the last
+    if schedule == "linear":
+        return lr * (1.0 - t)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ZOError(f"unknown lr schedule {schedule!r}; choose from: {', '.join(LR_SCHEDULES)}")

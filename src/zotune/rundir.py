@@ -124,6 +124,10 @@ class RunDir:
         (under torchrun other ranks read it); ``progress`` changes only this process's display."""
         cfg = TrainConfig.from_yaml(self.path / CONFIG)
         if steps is not None and steps != cfg.steps:
+            require(cfg.lr_schedule == "constant",
+                    f"{self.path}: --steps cannot change on resume under lr_schedule {cfg.lr_schedule}: the "
+                    f"schedule runs over the run's {cfg.steps} steps, so the steps taken had the lrs of that "
+                    f"length; start a new run for a different length")
             cfg.steps = steps
             self.write_config(cfg)
         if progress is not None:

@@ -20,6 +20,7 @@ from .errors import ZOError, require
 from .hardware import machine_name, peak_memory_mb
 from .metrics import metric_name, score_split
 from .models import describe_placement
+from .optim import lr_at
 from .report import plot_run
 from .rundir import RunDir, check_free_space, run_bytes, safetensors_bytes
 from .setup import batch_indices, load_data, setup
@@ -175,14 +176,15 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
         for step in steps:
             indices = batch_indices(len(data.train), cfg.batch_size, cfg.seed, step)
             batch = [data.train[i] for i in cluster.shard(indices)]  # data-parallel: this rank's slice
+            lr = lr_at(cfg.lr, step, cfg.steps, cfg.lr_schedule, cfg.warmup_steps)
             try:
-                result = step_batched(engine, model, lambda c: scorer.copy_losses(batch, c), cfg.lr) if batched \
-                    else engine.step(lambda: scorer.loss_tensor(batch), cfg.lr)  # a graph only for fo-lora
+                result = step_batched(engine, model, lambda c: scorer.copy_losses(batch, c), lr) if batched \
+                    else engine.step(lambda: scorer.loss_tensor(batch), lr)  # a graph only for fo-lora
             except FloatingPointError as exc:
                 raise ZOError(f"{exc} on batch indices {indices}; weights restored, the {step} steps "
                               f"before it logged: resume or inspect {rundir.path}") from None
             losses.append(result.loss)
-            logs.step({"step": result.step, "seed": cfg.seed, "g": result.grads, "lr": cfg.lr})
+            logs.step({"step": result.step, "seed": cfg.seed, "g": result.grads, "lr": lr})
             cluster.check_sync(step + 1, method.params, force=step + 1 == cfg.steps)
             logs.metric({"step": step + 1, "loss": result.loss, "g": result.grads,
                          "forward_passes": engine.forward_passes, "time_s": round(time.time() - t0, 3),
