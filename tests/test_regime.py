@@ -307,32 +307,61 @@ def test_report_only_rewrites_the_whole_selections_outputs_from_disk_and_trains_
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
-def test_calm_pick_reruns_a_cell_at_its_best_probe_whose_slope_did_not_steepen(shrunk, tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("calm_pick", REPO / "benchmarks" / "calm_pick.py")
-    calm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(calm)
+def load_rerun():
+    spec = importlib.util.spec_from_file_location("regime_rerun", REPO / "benchmarks" / "regime_rerun.py")
+    rerun = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rerun)
+    return rerun
+
+
+def test_a_calm_pick_reruns_a_cell_at_its_best_probe_whose_slope_did_not_steepen(shrunk, tmp_path, monkeypatch):
+    rerun = load_rerun()
     out, _, _ = shrunk
     cell = next(c for c in regime.plan(regime.Study(**SHRUNK), out, prepare=False).cells
                 if c.entry.label == "mezo-lora-r4-fp32-sgd")
-    real = calm.probe_rows
-    original = calm.pick(real(cell))["lr"]
+    real = rerun.probe_rows
+    original = rerun.pick(real(cell))["lr"]
 
     def steep_pick(c):  # as if the study's pick had tripled its |g| over the probe and every other probe calmed
         return [{**r, "g_growth": 3.0 if r["lr"] == original else 0.5} for r in real(c)]
 
-    monkeypatch.setattr(calm, "probe_rows", steep_pick)
-    result = calm.compare(cell, out, tmp_path, [0], bound=1.4, train=True)
+    monkeypatch.setattr(rerun, "probe_rows", steep_pick)
+    result = rerun.rerun(cell, out, tmp_path, [0], "calm-pick", bound=1.4, train=True)
     others = [r for r in real(cell) if r["status"] == "ok" and r["lr"] != original]
-    assert result["picked"]["lr"] == original and result["calm"]["lr"] == calm.pick(others)["lr"]
+    assert result["picked"]["lr"] == original and result["variant"]["lr"] == rerun.pick(others)["lr"]
     [run] = result["runs"]
     run_dir = tmp_path / "runs" / cell.run_dir(0).name
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lr"] == result["calm"]["lr"]
-    assert run["calm"]["test"] == summary["test_after"] and run["calm"]["dev_final"] == summary["dev_after"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["lr"] == result["variant"]["lr"]
+    assert run["variant"]["test"] == summary["test_after"] and run["variant"]["dev_final"] == summary["dev_after"]
     [studied] = [r for r in regime.read_ledger(out) if r["entry"] == cell.entry.label and r["seed"] == 0]
     assert run["picked"]["test"] == studied["test"]  # the study's own run at the original pick, the same seed
-    assert result["calm_minus_picked"]["test"]["mean"] == pytest.approx(run["calm"]["test"] - studied["test"])
-    assert f"| {cell.entry.label} | synthetic | 1.4 | {original:g} (3.00x" in calm.markdown([result])
+    assert result["variant_minus_picked"]["test"]["mean"] == pytest.approx(run["variant"]["test"] - studied["test"])
+    assert f"| {cell.entry.label} | synthetic | {original:g} (3.00x" in rerun.markdown([result])
+
+
+def test_a_setting_change_reruns_a_cell_at_the_studys_own_pick(shrunk, tmp_path):
+    """lr_schedule=linear: the same lr, seed and budget as the study's run, the lr decaying to 0 over it."""
+    rerun = load_rerun()
+    out, _, _ = shrunk
+    cell = next(c for c in regime.plan(regime.Study(**SHRUNK), out, prepare=False).cells
+                if c.entry.label == "mezo-lora-r4-fp32-sgd")
+    result = rerun.rerun(cell, out, tmp_path, [1], "lr_schedule=linear", bound=1.4, train=True)
+    run_dir = tmp_path / "runs" / cell.run_dir(1).name
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    study = yaml.safe_load((cell.run_dir(1) / "config.yaml").read_text())
+    assert saved["lr_schedule"] == "linear" and saved["lr"] == result["picked"]["lr"] == study["lr"]
+    assert {k: v for k, v in saved.items() if k not in ("lr_schedule", "output_dir", "threads", "progress")} == \
+        {k: v for k, v in study.items() if k not in ("lr_schedule", "output_dir", "threads", "progress")}
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "trajectory.jsonl").read_text().splitlines()]
+    assert lrs[0] == study["lr"] and lrs == sorted(lrs, reverse=True) and len(set(lrs)) == len(lrs)
+    [run] = result["runs"]
+    assert run["variant"]["dev_final"] == json.loads((run_dir / "summary.json").read_text())["dev_after"]
+    assert "lr_schedule=linear at the study's pick" in rerun.markdown([result])
+    with pytest.raises(SystemExit, match="SETTING=VALUE"):
+        rerun.parse_change("no_such_setting=1")
+    with pytest.raises(ZOError, match="lr_schedule must be one of"):
+        rerun.parse_change("lr_schedule=step")
 
 
 def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk, tmp_path):
