@@ -408,6 +408,13 @@ def test_what_a_resume_still_costs_is_also_told_at_the_pace_of_the_studys_own_ru
     here = regime.cost(p, seconds_bf16=2.0 / regime.FP32_FACTOR, left=True)
     assert f"left about {regime.hours(here['hours'])}" in text
     assert here["hours"] == pytest.approx(regime.cost(p, left=True)["hours"] * 2.0 / (regime.SECONDS_BF16 * regime.FP32_FACTOR))
+    # a study spans machines: once a finished run recorded this one, only this machine's runs set its pace
+    from zotune.hardware import cpu_name
+
+    (second.run_dir(0) / "summary.json").write_text(json.dumps({"machine": "another CPU"}))
+    assert regime.measured_pace(p) == {"float32": pytest.approx(2.0)}
+    (first.run_dir(0) / "summary.json").write_text(json.dumps({"machine": cpu_name()}))
+    assert regime.measured_pace(p) == {"float32": pytest.approx(3.0)}
 
 
 def test_zotune_bench_preset_regime_dry_run_and_refusals(tmp_path, capsys):

@@ -561,8 +561,13 @@ def measured_pace(p: Plan, latest: int = PACE_LATEST) -> dict[str, float]:
     Per dtype: the median over the ``latest`` most recently written runs and lr probes of their
     median step time / forwards per step (:func:`zotune.bench.step_seconds`, which skips evaluations
     and resumes). Full-weight steps (lozo, subzero) are left out: they cost more than their forwards.
+    A study spans machines: where finished runs of a dtype recorded this machine (summary.json
+    ``machine``), only those count for it.
     """
-    found: dict[str, list[tuple[float, float]]] = {}
+    from .hardware import machine_name
+
+    here = machine_name(str(p.study.settings.get("device", "cpu")))
+    found: dict[str, list[tuple[bool, float, float]]] = {}
     for c in p.cells:
         if c.twin or c.entry.variant.config in ("lozo", "subzero"):
             continue
@@ -573,8 +578,14 @@ def measured_pace(p: Plan, latest: int = PACE_LATEST) -> dict[str, float]:
             metrics = d / "metrics.jsonl"
             step = bench.step_seconds(metrics, c.base.eval_every) if metrics.exists() else None
             if step:
-                found.setdefault(c.entry.dtype, []).append((metrics.stat().st_mtime, step / per))
-    return {dtype: statistics.median(x for _, x in sorted(v)[-latest:]) for dtype, v in found.items()}
+                summary = d / "summary.json"
+                mine = summary.exists() and json.loads(summary.read_text()).get("machine") == here
+                found.setdefault(c.entry.dtype, []).append((mine, metrics.stat().st_mtime, step / per))
+    pace = {}
+    for dtype, v in found.items():
+        use = [x for x in v if x[0]] or v
+        pace[dtype] = statistics.median(x for _, _, x in sorted(use)[-latest:])
+    return pace
 
 
 def hours(h: float) -> str:
