@@ -30,9 +30,7 @@ from pathlib import Path
 
 from zotune import atomic, regime
 from zotune.config import TrainConfig
-from zotune.options import coerce
-from zotune.report import read_run
-from zotune.tune import g_growth, pick, run_or_reuse
+from zotune.tune import pick, run_or_reuse
 
 BOUND = 1.4
 CALM = "calm-pick"
@@ -44,12 +42,10 @@ def study_cells(study_out: Path, task: str) -> dict[str, regime.Cell]:
 
 
 def probe_rows(cell: regime.Cell) -> list[dict]:
-    """The cell's probe rows (tune.json), each with its |g| growth read from the probe's own log."""
+    """The cell's probe rows (tune.json), each with its |g| growth (read from the probe's own log where
+    tune.json predates the field)."""
     rows = json.loads((cell.tune_out / "tune.json").read_text())["rows"]
-    for r in rows:
-        probe = cell.tune_out / "probes" / Path(r["run_dir"]).name
-        r["g_growth"] = g_growth(read_run(probe).steps) if probe.is_dir() else float("nan")
-    return rows
+    return [{**r, "g_growth": regime.probe_g_growth(cell, r)} for r in rows]
 
 
 def parse_change(change: str) -> dict:
@@ -58,12 +54,10 @@ def parse_change(change: str) -> dict:
         return {}
     key, sep, value = change.partition("=")
     key = key.strip().replace("-", "_")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if not sep or key not in fields:
+    if not sep or key not in {f.name for f in dataclasses.fields(TrainConfig)}:
         raise SystemExit(f"--change: expected {CALM} or SETTING=VALUE with a train setting, got {change!r}")
-    setting = {key: coerce(fields[key], value.strip(), "--change")}
-    TrainConfig.from_dict(setting, source="--change").validate()
-    return setting
+    cfg = TrainConfig.from_dict({key: value.strip()}, source="--change").validate()  # typed and checked
+    return {key: getattr(cfg, key)}
 
 
 def outcome(run_dir: Path) -> dict | None:

@@ -601,10 +601,10 @@ def test_the_tables_show_how_far_each_picked_probes_slope_grew(shrunk, tmp_path)
     (probe / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": 0.7, "g": [(-1) ** i * g]}) + "\n"
                                                  for i, g in enumerate(slopes)))
     chosen = {"lr": 0.01, "dev_after": 0.6, "run_dir": "/elsewhere/tune/x/probes/lr0.01_eps0.01"}
-    assert regime.pick_g_growth(cell, chosen) == pytest.approx(3.0)
-    assert regime.pick_g_growth(cell, {**chosen, "g_growth": 1.25}) == 1.25  # tune.json's own field wins
-    assert math.isnan(regime.pick_g_growth(cell, {**chosen, "run_dir": "/elsewhere/lr9_eps0.01"}))
-    assert math.isnan(regime.pick_g_growth(cell, None))
+    assert regime.probe_g_growth(cell, chosen) == pytest.approx(3.0)
+    assert regime.probe_g_growth(cell, {**chosen, "g_growth": 1.25}) == 1.25  # tune.json's own field wins
+    assert math.isnan(regime.probe_g_growth(cell, {**chosen, "run_dir": "/elsewhere/lr9_eps0.01"}))
+    assert math.isnan(regime.probe_g_growth(cell, None))
     tables = (out / "tables.md").read_text()
     assert "| pick's \\|g\\| growth |" in tables and "1.4x or more foretold a collapse" in tables
     rows = json.loads((out / "results.json").read_text())["runs"]

@@ -673,7 +673,7 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
     """The cell's result rows (bench's row format + the study's fields), read back from the run directories."""
     rows = []
     lr = chosen["lr"] if chosen else float("nan")
-    growth = pick_g_growth(cell, chosen)
+    growth = probe_g_growth(cell, chosen)
     for seed in seeds:
         kept = cell.kept_row(seed, lr) if chosen else None
         if kept:
@@ -709,21 +709,23 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
     return rows
 
 
-def pick_g_growth(cell: Cell, chosen: dict | None) -> float:
-    """The picked probe's |g| growth (:func:`zotune.tune.g_growth`), read back from its metrics.
+def probe_g_growth(cell: Cell, probe: dict | None) -> float:
+    """A probe row's |g| growth (:func:`zotune.tune.g_growth`): its tune.json field, else read from its metrics.
 
-    Why in the tables: in the ZO-SGD arm on Rotten Tomatoes, picks whose |g| had grown 1.4x or more
-    during their probe foretold full runs that collapsed below zero-shot (docs/benchmarks.md); the
-    column lets a reader check that sign on every cell. NaN where the probe's folder is not here.
+    Why in the tables (for the picked probe): in the ZO-SGD arm on Rotten Tomatoes, picks whose |g| had
+    grown 1.4x or more during their probe foretold full runs that collapsed below zero-shot
+    (docs/benchmarks.md); the column lets a reader check that sign on every cell. The probe's folder is
+    looked for under this cell's tune folder, since tune.json's run_dir may be another machine's path.
+    NaN where the folder is not here.
     """
-    if not chosen:
+    if not probe:
         return float("nan")
-    if math.isfinite(chosen.get("g_growth", float("nan"))):
-        return chosen["g_growth"]
+    if math.isfinite(probe.get("g_growth", float("nan"))):
+        return probe["g_growth"]
     from .report import read_run
 
-    probe = cell.tune_out / "probes" / Path(str(chosen.get("run_dir", ""))).name
-    return g_growth(read_run(probe).steps) if chosen.get("run_dir") and (probe / "metrics.jsonl").exists() \
+    path = cell.tune_out / "probes" / Path(str(probe.get("run_dir", ""))).name
+    return g_growth(read_run(path).steps) if probe.get("run_dir") and (path / "metrics.jsonl").exists() \
         else float("nan")
 
 
