@@ -564,9 +564,9 @@ def measured_pace(p: Plan, latest: int = PACE_LATEST) -> dict[str, float]:
     A study spans machines: where finished runs of a dtype recorded this machine (summary.json
     ``machine``), only those count for it.
     """
-    from .hardware import machine_name
+    from .hardware import machine_name, pick_device
 
-    here = machine_name(str(p.study.settings.get("device", "cpu")))
+    here = machine_name(pick_device(str(p.study.settings.get("device", "auto"))))  # the device plan() resolved
     found: dict[str, list[tuple[bool, float, float]]] = {}
     for c in p.cells:
         if c.twin or c.entry.variant.config in ("lozo", "subzero"):
