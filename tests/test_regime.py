@@ -364,11 +364,17 @@ def test_a_setting_change_reruns_a_cell_at_the_studys_own_pick(shrunk, tmp_path)
         rerun.parse_change("lr_schedule=step")
 
 
-def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk, tmp_path):
+def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk, tmp_path, monkeypatch):
     out, _, _ = shrunk
     p = regime.plan(regime.Study(**SHRUNK), out, prepare=False)
     whole, rest = regime.cost(p), regime.cost(p, left=True)
     assert (rest["runs"], rest["probes"], rest["total_forward_passes"]) == (0, 0, 0)  # all finished, diagnostics too
+    # the zero-shot baselines count: one test split (32 examples, two batches of 16) per (task, dtype, seed) not held
+    measured = regime.zero_shot_rows(p)
+    assert len(measured) == 2  # fp32 base, seeds 0 and 1
+    monkeypatch.setattr(regime, "zero_shot_rows", lambda _: measured[1:])
+    assert regime.cost(p, left=True)["forward_passes"] == {"train": 0, "probes": 0, "evaluation": 2, "diagnostics": 0}
+    monkeypatch.undo()
     assert f"done in {out}: {whole['runs']} of {whole['runs']} runs, lrs picked for {len(p.cells)} of" in regime.describe(p)
     cell = p.cells[0]
     cell.recorded.pop(SHRUNK["seeds"][1])  # as if that seed had not finished

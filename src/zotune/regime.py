@@ -332,9 +332,9 @@ def pinned_base(out: Path) -> tuple[str, str] | None:
             raise ZOError(f"{path}: not a base-dtype pin ({exc}); expected {{\"base_dtype\": \"bfloat16\"}}") from None
     names = [d.name for sub in ("tune", "runs") if (out / sub).is_dir() for d in (out / sub).iterdir()]
     if any("-bf16-" in n for n in names):
-        return "bfloat16", f"the study's bf16 folders in {out}"
+        return "bfloat16", "the study's bf16 folders (tune/, runs/)"  # no path: the study moves between machines
     if any(r.get("rank") and "base" in r.get("roles", ()) for r in read_ledger(out)):
-        return "float32", f"the study's fp32 base runs in {out / 'results.json'}"
+        return "float32", "the study's fp32 base runs (results.json)"
     return None
 
 
@@ -530,6 +530,12 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
         parts["probes"] += probes
         parts["evaluation"] += evals
         seconds += (train + probes) * unit * overhead + evals * unit
+    # zero-shot: one test split per (task, base dtype, seed), the baseline each run is read against
+    have = {(r["task"], r["dtype"], r["seed"]) for r in zero_shot_rows(p)} if left else set()
+    for task, dtype in {(c.task, c.entry.dtype) for c in p.cells if zero_shot_cell(c)}:
+        n = len([x for x in s.seeds if (task, dtype, x) not in have]) * test / bs
+        parts["evaluation"] += n
+        seconds += n * seconds_bf16 * (fp32_factor if dtype == "float32" else 1.0)
     diag = 0.0
     if s.diagnostics:
         configs = {(e.variant.config, e.variant.rank, e.dtype) for e in p.entries if e.variant.quantize == "none"}
@@ -837,6 +843,17 @@ def run_study(study: Study, out: Path, retry_failed: bool = False, say=print) ->
     return {"rows": rows, "diagnostics": read_diagnostics(p, diag), "plan": p}
 
 
+def zero_shot_cell(c: Cell) -> bool:
+    """Whether a cell's base is one zero-shot measures (an unquantized bf16 or fp32 one)."""
+    return c.entry.variant.quantize == "none" and c.entry.dtype in ("bfloat16", "float32")
+
+
+def zero_shot_rows(p: Plan) -> list[dict]:
+    """The rows of ``p.out``'s zero_shot.json: task, dtype, seed, test, n_test (none before the first)."""
+    path = p.out / "zero_shot.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def zero_shot(p: Plan, task: str, say) -> list[dict]:
     """The untrained base's accuracy on each seed's own test split, per base dtype (cached in zero_shot.json).
 
@@ -852,10 +869,9 @@ def zero_shot(p: Plan, task: str, say) -> list[dict]:
 
     label = bench.task_label(task)
     path = p.out / "zero_shot.json"
-    saved = json.loads(path.read_text()) if path.exists() else []
+    saved = zero_shot_rows(p)
     have = {(r["task"], r["dtype"], r["seed"]) for r in saved}
-    cells = {c.entry.dtype: c for c in p.cells if c.task == label and c.entry.variant.quantize == "none"
-             and c.entry.dtype in ("bfloat16", "float32")}
+    cells = {c.entry.dtype: c for c in p.cells if c.task == label and zero_shot_cell(c)}
     for dtype, cell in sorted(cells.items()):
         todo = [s for s in p.study.seeds if (label, dtype, s) not in have]
         if not todo:
@@ -877,9 +893,8 @@ def zero_shot(p: Plan, task: str, say) -> list[dict]:
 
 def read_zero_shot(p: Plan) -> dict[tuple[str, str], dict[int, float]]:
     """{(task, dtype): {seed: zero-shot test accuracy}} from zero_shot.json (empty where not measured)."""
-    path = p.out / "zero_shot.json"
     out: dict[tuple[str, str], dict[int, float]] = {}
-    for r in json.loads(path.read_text()) if path.exists() else []:
+    for r in zero_shot_rows(p):
         out.setdefault((r["task"], r["dtype"]), {})[r["seed"]] = r["test"]
     return out
 
