@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -77,7 +78,11 @@ def test_restricted_scoring_equals_full_vocabulary_logits(models, arch):
 def test_shared_prompt_kv_cache_equals_recomputation(models, arch, scoring):
     model, tok = models[arch]
     for examples in (multiple_choice(9), multiple_choice(9, seed=1, varying=True)):
-        shared = Scorer(model, tok, scoring=scoring, share_prompt=True).scores(examples)
+        sharing = Scorer(model, tok, scoring=scoring, share_prompt=True)
+        with warnings.catch_warnings():  # the cache goes in (and comes out) under the name this transformers uses
+            warnings.simplefilter("error", FutureWarning)
+            shared = sharing.scores(examples)
+            assert sharing._scores_shared([sharing._plan(e) for e in examples]) is not None  # not the fallback
         again = Scorer(model, tok, scoring=scoring, share_prompt=False).scores(examples)
         assert torch.equal(torch.isinf(shared), torch.isinf(again))
         assert torch.allclose(shared, again, atol=1e-4)

@@ -34,6 +34,7 @@ training batch into length-sorted chunks (same mean loss, less padding).
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -42,6 +43,22 @@ from torch import nn
 
 from .errors import ZOError, require
 from .tasks import Example
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name under which ``module``'s forward takes a KV cache to continue.
+
+    Why: transformers 5 renamed ``past_key_values`` to ``cache`` (the old name still works, with a
+    deprecation warning in every user's log until it is removed); older versions know only the old one.
+    """
+    forward = getattr(module, "_orig_mod", module).forward  # a torch.compile wrapper: the model inside
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (``cache`` since transformers 5, ``past_key_values`` before), or None."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 SCORING = ("restricted", "full")
 
@@ -123,8 +140,10 @@ class Scorer:
         mask = (cols[None] < lengths[:, None]).long()
         positions = cols[None] + (start[:, None] if start is not None else 0)
         full_mask = mask if past_mask is None else torch.cat([past_mask, mask], 1)
-        out = self._module()(input_ids=input_ids.to(dev), attention_mask=full_mask, position_ids=positions,
-                             past_key_values=past, use_cache=cache)
+        module = self._module()
+        kv = {cache_argument(module): past} if past is not None else {}
+        out = module(input_ids=input_ids.to(dev), attention_mask=full_mask, position_ids=positions,
+                     use_cache=cache, **kv)
         return out, lengths, full_mask
 
     def _logprobs_at(self, out, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -238,7 +257,7 @@ class Scorer:
         when the model keeps no cache (the caller recomputes).
         """
         out, lengths, prompt_mask = self._run([p for p, _ in plans], cache=True)
-        cache = getattr(out, "past_key_values", None)
+        cache = returned_cache(out)
         if cache is None or not hasattr(cache, "reorder_cache"):
             return None
         dev = lengths.device
