@@ -65,6 +65,14 @@ def test_config_file_is_overridden_by_flags(tmp_path):
     assert (cfg.lr, cfg.lora_r, cfg.steps) == (0.5, 4, 9)
 
 
+def test_dtype_takes_the_short_names_the_bench_flags_use_and_stores_the_long_one():
+    from zotune.cli import build_parser, config_from_args
+
+    for short, long in (("fp32", "float32"), ("bf16", "bfloat16"), ("float32", "float32"), ("auto", "auto")):
+        cfg = config_from_args(build_parser().parse_args(["train", "--dtype", short])).validate()
+        assert cfg.dtype == long and cfg.to_dict()["dtype"] == long
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--method", "sgd-magic"], "unknown method 'sgd-magic'"),
@@ -74,6 +82,7 @@ def test_config_file_is_overridden_by_flags(tmp_path):
     (["--lr", "-1"], "lr must be >= 0"),
     (["--steps", "ten"], "setting 'steps' expects int, got 'ten'"),
     (["--task", "imdb"], "unknown task 'imdb'"),
+    (["--dtype", "fp16"], "dtype must be auto, float32 (fp32) or bfloat16 (bf16), got 'fp16'"),
 ])
 def test_bad_settings_fail_in_one_line_with_exit_code_2(args, message, tmp_path):
     result = run_cli("train", *args, "--output-dir", str(tmp_path / "r"))

@@ -19,6 +19,9 @@ from .errors import ZOError, require
 from .optim import LR_SCHEDULES
 from .options import coerce, default_of, is_number, setting
 
+#: short dtype names a config or flag may use; stored under the long name (config.yaml, summaries)
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}
+
 
 _f = setting
 
@@ -105,7 +108,7 @@ class TrainConfig:
                             "fast: a CUDA GPU with bf16, or a CPU with avx512_bf16/AMX on which a bf16 block, timed "
                             "once per machine, beats fp32; for methods whose trainable values "
                             "stay float32 (peft keeps LoRA factors in float32); float32 otherwise. The run directory "
-                            "records what auto picked and why) | float32 | bfloat16")
+                            "records what auto picked and why) | float32 (fp32) | bfloat16 (bf16)")
     device_map: str = _f("", "place a model larger than one device with accelerate: auto | balanced | sequential "
                              "(empty: the whole model on --device). LoRA-type methods only: the base may be split "
                              "over GPUs, CPU and disk, the trainable factors stay on the execution device")
@@ -149,7 +152,7 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
-        require(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 or bfloat16, "
+        require(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 (fp32) or bfloat16 (bf16), "
                                                              f"got {self.dtype!r}")
         require(len(self.betas) == 2 and all(is_number(b) and 0 <= float(b) < 1 for b in self.betas),
                 f"betas must be two numbers in [0, 1), got {self.betas}")
@@ -213,6 +216,7 @@ class TrainConfig:
         for f in dataclasses.fields(cls):
             if f.name in data and f.name != "options":
                 setattr(cfg, f.name, coerce(f, data[f.name], source))
+        cfg.dtype = DTYPE_ALIASES.get(cfg.dtype, cfg.dtype)
         if cfg.method in METHODS:  # what the user left unset follows the method (zotune train --method mezo: lr 1e-6)
             for key, value in METHODS[cfg.method].run_defaults().items():
                 if key not in data:

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import atomic, bench
-from .config import TrainConfig
+from .config import DTYPE_ALIASES, TrainConfig
 from .diagnostics.grad_cosine import QUERY_CONFIGS
 from .errors import ZOError, require
 from .tune import PROBE_DEV, abs_slopes, g_growth
@@ -308,7 +308,7 @@ def resolve_dtype(variant: Variant, base: str) -> str:
     return base
 
 
-DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
+DTYPE_NAMES = {**DTYPE_ALIASES, "bfloat16": "bfloat16", "float32": "float32"}
 BASE_PIN = "base_dtype.json"
 
 
