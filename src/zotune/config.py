@@ -152,8 +152,8 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         require(self.device in ("auto", "cpu", "cuda"), f"device must be cpu, cuda or auto, got {self.device!r}")
-        require(self.dtype in ("auto", "float32", "bfloat16"), f"dtype must be auto, float32 (fp32) or bfloat16 (bf16), "
-                                                             f"got {self.dtype!r}")
+        require(self.dtype in ("auto", "float32", "bfloat16"),
+                f"dtype must be auto, float32 (fp32) or bfloat16 (bf16), got {self.dtype!r}")
         require(len(self.betas) == 2 and all(is_number(b) and 0 <= float(b) < 1 for b in self.betas),
                 f"betas must be two numbers in [0, 1), got {self.betas}")
         require(all(isinstance(t, str) and t.strip() for t in self.target_modules),

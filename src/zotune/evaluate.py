@@ -60,6 +60,7 @@ def returned_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
+
 SCORING = ("restricted", "full")
 
 
