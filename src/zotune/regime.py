@@ -310,6 +310,7 @@ def resolve_dtype(variant: Variant, base: str) -> str:
 
 DTYPE_NAMES = {**DTYPE_ALIASES, "bfloat16": "bfloat16", "float32": "float32"}
 BASE_PIN = "base_dtype.json"
+ZERO_SHOT = "zero_shot.json"
 
 
 def dtype_name(word: str, what: str = "--dtypes") -> str:
@@ -850,7 +851,7 @@ def zero_shot_cell(c: Cell) -> bool:
 
 def zero_shot_rows(p: Plan) -> list[dict]:
     """The rows of ``p.out``'s zero_shot.json: task, dtype, seed, test, n_test (none before the first)."""
-    path = p.out / "zero_shot.json"
+    path = p.out / ZERO_SHOT
     return json.loads(path.read_text()) if path.exists() else []
 
 
@@ -868,7 +869,7 @@ def zero_shot(p: Plan, task: str, say) -> list[dict]:
     from .setup import load_data, run_scorer
 
     label = bench.task_label(task)
-    path = p.out / "zero_shot.json"
+    path = p.out / ZERO_SHOT
     saved = zero_shot_rows(p)
     have = {(r["task"], r["dtype"], r["seed"]) for r in saved}
     cells = {c.entry.dtype: c for c in p.cells if c.task == label and zero_shot_cell(c)}
