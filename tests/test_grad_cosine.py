@@ -127,3 +127,6 @@ def test_zotune_diagnose_writes_json_csv_png_and_refuses_bad_input(tiny_llama, d
     assert "unknown configuration 'nope'" in capsys.readouterr().err
     with pytest.raises(ZOError, match="ns must be >= 1"):
         CosineConfig(ns=(0,)).validate()
+    assert CosineConfig(dtypes=("fp32", "bf16")).validate().dtypes == ("float32", "bfloat16")  # as train --dtype
+    with pytest.raises(ZOError, match="got 'fp16'"):
+        CosineConfig(dtypes=("fp16",)).validate()

@@ -450,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", default="8,64", help="LoRA ranks, for the configurations that have one (default: 8,64)")
     p.add_argument("--ns", default="1,4,16,64", help="directions averaged; max(ns) are drawn (default: 1,4,16,64)")
     p.add_argument("--points", default="init", help="init and/or warm (default: init)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="evaluation dtypes; bfloat16 rows carry the noise "
-                                                              "floor against float32 (default: both)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="evaluation dtypes, float32/fp32 and bfloat16/bf16; "
+                                                              "bfloat16 rows carry the noise floor against float32 "
+                                                              "(default: both)")
     p.add_argument("--eps", type=float, default=None, help="perturbation size (default: each configuration's own)")
     p.add_argument("--batch-size", type=int, default=16, help="the batch (default: 16)")
     p.add_argument("--max-length", type=int, default=256, help="max prompt tokens (default: 256)")

@@ -56,7 +56,7 @@ from typing import Callable
 
 import torch
 
-from ..config import TrainConfig
+from ..config import DTYPE_ALIASES, TrainConfig
 from ..engine import ZOEngine
 from ..errors import ZOError, require
 from ..evaluate import Scorer
@@ -101,8 +101,9 @@ class CosineConfig:
         require(bool(self.ranks) and min(self.ranks) >= 1, f"ranks must be >= 1, got {self.ranks}")
         bad = [p for p in self.points if p not in ("init", "warm")]
         require(not bad, f"points are init and/or warm, got {bad[0] if bad else ''!r}")
+        self.dtypes = tuple(DTYPE_ALIASES.get(d, d) for d in self.dtypes)  # fp32/bf16, as train --dtype takes
         bad = [d for d in self.dtypes if d not in DTYPES]
-        require(not bad, f"dtypes are float32 and/or bfloat16, got {bad[0] if bad else ''!r}")
+        require(not bad, f"dtypes are float32 (fp32) and/or bfloat16 (bf16), got {bad[0] if bad else ''!r}")
         require(self.eps is None or self.eps > 0, f"eps must be > 0, got {self.eps}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         return self
