@@ -11,7 +11,8 @@ a change to the protocol would have prevented it:
 
 Every other setting is the cell's (``zotune.regime.run_config``). Compared with the study's run of the same
 seed: test accuracy (best-dev checkpoint, as the study reports it), final dev accuracy, and whether dev ended
-below the untrained model's.
+below the untrained model's. With several ``--cells``, each later cell is also compared with the first, paired
+by seed, under the change and in the study (a change may rescue one method more than another).
 
     python benchmarks/regime_rerun.py --study /work/regime --out /work/decay --cells mezo-lora-r64-fp32-sgd --change lr_schedule=linear
     python benchmarks/regime_rerun.py --study benchmarks/results/regime --out benchmarks/results/regime_calm_pick --change calm-pick --seeds 0 --report-only
@@ -102,6 +103,28 @@ def rerun(cell: regime.Cell, study_out: Path, out: Path, seeds: list[int], chang
             "variant": {**probe(chosen), "settings": setting}, "runs": runs, "variant_minus_picked": diff}
 
 
+def between_variants(results: list[dict]) -> list[dict]:
+    """Each later cell against the first, paired by seed, under the change and (for contrast) in the study.
+
+    Why: a change such as a decaying lr can rescue one method more than another, so the comparison that
+    matters is between the cells' variants, not only each variant against its own study run."""
+    def by_seed(cell: dict, side: str, key: str) -> dict[int, float]:
+        return {r["seed"]: r[side][key] for r in cell["runs"] if r[side]}
+
+    first, rows = results[0] if results else None, []
+    for other in results[1:]:
+        rows.append({"a": first["entry"], "b": other["entry"], "task": first["task"], "change": first["change"],
+                     **{f"{side}_{key}": regime.paired_interval(by_seed(first, side, key), by_seed(other, side, key))
+                        for side in ("variant", "picked") for key in ("test", "dev_final")}})
+    return rows
+
+
+def _interval(iv: dict) -> str:
+    if not iv["n"]:
+        return "-"
+    return f"{iv['mean']:+.3f}" + (f" [{iv['lo']:+.3f}, {iv['hi']:+.3f}]" if iv["n"] > 1 else "") + f" (n {iv['n']})"
+
+
 def _f(x, fmt=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{fmt}}"
 
@@ -135,6 +158,14 @@ def markdown(results: list[dict]) -> str:
                 span = f" [{iv['lo']:+.3f}, {iv['hi']:+.3f}]" if iv["n"] > 1 else ""
                 lines.append(f"\n{c['entry']} ({c['change']}): variant − picked, {key}: {iv['mean']:+.3f}{span} "
                              f"over {iv['n']} seed{'s' * (iv['n'] > 1)}")
+    pairs = between_variants(results)
+    if pairs:
+        lines += ["", "Between cells, paired by seed (a − b): with the change, and the study's own runs for contrast.", "",
+                  "| a − b | task | change | test, with the change | dev final, with the change | test, study | "
+                  "dev final, study |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['a']} − {p['b']} | {p['task']} | {p['change']} | {_interval(p['variant_test'])} | "
+                  f"{_interval(p['variant_dev_final'])} | {_interval(p['picked_test'])} | "
+                  f"{_interval(p['picked_dev_final'])} |" for p in pairs]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +188,7 @@ def main() -> None:
         results.append(rerun(cells[label], args.study, args.out, [int(s) for s in args.seeds.split(",")],
                              args.change, args.bound, train=not args.report_only))
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(args.out / "rerun.json", json.dumps({"cells": results}, indent=2))
+    atomic.write_text(args.out / "rerun.json", json.dumps({"cells": results, "between": between_variants(results)}, indent=2))
     atomic.write_text(args.out / "rerun.md", markdown(results))
     print(markdown(results))
 

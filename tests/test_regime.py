@@ -364,6 +364,31 @@ def test_a_setting_change_reruns_a_cell_at_the_studys_own_pick(shrunk, tmp_path)
         rerun.parse_change("lr_schedule=step")
 
 
+def test_rerun_compares_the_cells_variants_with_each_other_paired_by_seed():
+    """Two cells re-run with the same change: the report pairs them by seed, beside the same pair in the study."""
+    rerun = load_rerun()
+
+    def cell(entry, variant_tests, picked_tests):
+        runs = [{"seed": seed, "variant": None if v is None else {"test": v, "dev_final": v - 0.1},
+                 "picked": {"test": p, "dev_final": p - 0.2}}
+                for seed, (v, p) in enumerate(zip(variant_tests, picked_tests))]
+        return {"entry": entry, "task": "rotten-tomatoes", "change": "lr_schedule=linear", "runs": runs,
+                "picked": {"lr": 1e-2, "g_growth": 2.0, "probe_dev": 0.7},
+                "variant": {"lr": 1e-2, "g_growth": 2.0, "probe_dev": 0.7, "settings": {"lr_schedule": "linear"}},
+                "variant_minus_picked": {}}
+
+    a = cell("ar1zo-r64-fp32-sgd", [0.70, 0.72, None], [0.66, 0.64, 0.69])  # seed 2 not finished yet
+    b = cell("mezo-lora-r64-fp32-sgd", [0.73, 0.76, 0.76], [0.69, 0.62, 0.68])
+    [pair] = rerun.between_variants([a, b])
+    assert (pair["a"], pair["b"]) == ("ar1zo-r64-fp32-sgd", "mezo-lora-r64-fp32-sgd")
+    assert pair["variant_test"]["n"] == 2 and pair["variant_test"]["diffs"] == pytest.approx([-0.03, -0.04])
+    assert pair["picked_test"]["n"] == 3 and pair["picked_test"]["mean"] == pytest.approx((-0.03 + 0.02 + 0.01) / 3)
+    assert pair["variant_dev_final"]["mean"] == pytest.approx(-0.035)
+    table = rerun.markdown([a, b])
+    assert "| ar1zo-r64-fp32-sgd − mezo-lora-r64-fp32-sgd | rotten-tomatoes | lr_schedule=linear | -0.035 [" in table
+    assert rerun.between_variants([a]) == [] and "Between cells" not in rerun.markdown([a])
+
+
 def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk, tmp_path, monkeypatch):
     out, _, _ = shrunk
     p = regime.plan(regime.Study(**SHRUNK), out, prepare=False)
