@@ -111,18 +111,18 @@ def between_variants(results: list[dict]) -> list[dict]:
     def by_seed(cell: dict, side: str, key: str) -> dict[int, float]:
         return {r["seed"]: r[side][key] for r in cell["runs"] if r[side]}
 
-    first, rows = results[0] if results else None, []
-    for other in results[1:]:
-        rows.append({"a": first["entry"], "b": other["entry"], "task": first["task"], "change": first["change"],
-                     **{f"{side}_{key}": regime.paired_interval(by_seed(first, side, key), by_seed(other, side, key))
-                        for side in ("variant", "picked") for key in ("test", "dev_final")}})
-    return rows
+    if len(results) < 2:
+        return []
+    first = results[0]
+    return [{"a": first["entry"], "b": other["entry"], "task": first["task"], "change": first["change"],
+             **{f"{side}_{key}": regime.paired_interval(by_seed(first, side, key), by_seed(other, side, key))
+                for side in ("variant", "picked") for key in ("test", "dev_final")}}
+            for other in results[1:]]
 
 
 def _interval(iv: dict) -> str:
-    if not iv["n"]:
-        return "-"
-    return f"{iv['mean']:+.3f}" + (f" [{iv['lo']:+.3f}, {iv['hi']:+.3f}]" if iv["n"] > 1 else "") + f" (n {iv['n']})"
+    """The study's own interval text (regime._ci), with the number of pairs where there is an interval."""
+    return regime._ci(iv) + (f" (n {iv['n']})" if iv["n"] > 1 else "")
 
 
 def _f(x, fmt=".3f") -> str:
@@ -189,8 +189,9 @@ def main() -> None:
                              args.change, args.bound, train=not args.report_only))
     args.out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(args.out / "rerun.json", json.dumps({"cells": results, "between": between_variants(results)}, indent=2))
-    atomic.write_text(args.out / "rerun.md", markdown(results))
-    print(markdown(results))
+    report = markdown(results)
+    atomic.write_text(args.out / "rerun.md", report)
+    print(report)
 
 
 if __name__ == "__main__":
