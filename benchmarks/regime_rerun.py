@@ -153,10 +153,14 @@ def markdown(results: list[dict]) -> str:
                 f"{_f(c['picked']['probe_dev'])}) | {describe_change(c)} | {r['seed']} | "
                 f"{_f(p.get('test'))} → {_f(k.get('test'))} | {_f(p.get('dev_final'))} → {_f(k.get('dev_final'))} | "
                 f"{p.get('ended_below_start', '-')} / {k.get('ended_below_start', '-')} |")
+    # The summaries follow the whole table: a paragraph between rows would end the table there, and the
+    # later cells' rows would render as plain text.
+    lines.append("")
+    for c in results:
         for key, iv in c["variant_minus_picked"].items():
             if iv["n"]:
                 span = f" [{iv['lo']:+.3f}, {iv['hi']:+.3f}]" if iv["n"] > 1 else ""
-                lines.append(f"\n{c['entry']} ({c['change']}): variant − picked, {key}: {iv['mean']:+.3f}{span} "
+                lines.append(f"- {c['entry']} ({c['change']}): variant − picked, {key}: {iv['mean']:+.3f}{span} "
                              f"over {iv['n']} seed{'s' * (iv['n'] > 1)}")
     pairs = between_variants(results)
     if pairs:

@@ -4,6 +4,7 @@ end (lr picked automatically, results.json rows, tables, PNGs, verdicts.md, resu
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -386,6 +387,12 @@ def test_rerun_compares_the_cells_variants_with_each_other_paired_by_seed():
     assert pair["variant_dev_final"]["mean"] == pytest.approx(-0.035)
     table = rerun.markdown([a, b])
     assert "| ar1zo-r64-fp32-sgd − mezo-lora-r64-fp32-sgd | rotten-tomatoes | lr_schedule=linear | -0.035 [" in table
+    # every cell's per-seed rows sit in one table: a summary line between them would end the table there
+    a["variant_minus_picked"] = {"test": {"n": 2, "mean": 0.06, "lo": 0.0, "hi": 0.12}}
+    lines = rerun.markdown([a, b]).splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("| entry |")))
+    block = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))
+    assert len(block) == 2 + 6 and "variant − picked, test: +0.060" in "\n".join(lines[first + len(block):])
     assert rerun.between_variants([a]) == [] and "Between cells" not in rerun.markdown([a])
 
 
