@@ -205,13 +205,17 @@ def test_fo_lora_optimizer_state_resumes_exactly(tiny_llama):
 
 # -- both in the recipe -----------------------------------------------------------------------
 @pytest.mark.parametrize("method,per_step", [("agzo", 3), ("fo-lora", 3)])
-def test_train_runs_both_and_refuses_trajectory_resume_and_replay(tiny_llama, tmp_path, capsys, method, per_step):
+def test_train_runs_both_refuses_replay_and_says_what_a_resume_without_state_does(tiny_llama, tmp_path, capsys,
+                                                                                  method, per_step):
+    """A finished run keeps no state.pt (test_resume.py covers resuming from one), so extending it
+    starts again from step 0, and says so."""
     out = tmp_path / method
     args = ["train", "--model", str(tiny_llama), "--task", "rotten-tomatoes", "--method", method, "--steps", "3",
             "--train-size", "16", "--dev-size", "8", "--batch-size", "4", "--lr", "1e-3", "--progress", "false",
             "--output-dir", str(out)]
     assert main(args) == 0
     assert f"forward passes    {3 * per_step} in 3 steps" in capsys.readouterr().out
-    assert main(["train", "--resume", str(out), "--steps", "5", "--progress", "false"]) == 2
-    assert f"{method} runs cannot be" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--steps", "5", "--progress", "true"]) == 0
+    captured = capsys.readouterr()
+    assert "no state.pt was saved" in captured.err and f"forward passes    {5 * per_step} in 5 steps" in captured.out
     assert main(["replay", str(out)]) == 2

@@ -184,8 +184,8 @@ def test_state_dict_round_trip_resumes_bit_identically(tiny_llama, method, optim
         step(b)
     assert same_tensors(values(fresh), values(straight))
     assert (fresh.step_count, fresh.forward_passes) == (straight.step_count, straight.forward_passes) == (4, 8)
-    assert same_tensors(fresh._optimizer.state_dict()["m" if optimizer == "adam" else "buf"],
-                        straight._optimizer.state_dict()["m" if optimizer == "adam" else "buf"])
+    assert same_tensors(fresh.engine.optimizer.state_dict()["m" if optimizer == "adam" else "buf"],
+                        straight.engine.optimizer.state_dict()["m" if optimizer == "adam" else "buf"])
     with pytest.raises(ZOError, match="seed"):
         _tiny_lm(tiny_llama, method, optimizer=optimizer, seed=2)[0].load_state_dict(state)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,26 +45,67 @@ def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, t
     assert main(args_for(tiny_llama, reference, 12, *schedule)) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "zotune.cli", *args_for(tiny_llama, killed, 12, *schedule)],
+    kill_mid_run(args_for(tiny_llama, killed, 12, *schedule), killed, steps=12)
+
+    assert main(["train", "--resume", str(killed), "--progress", "false"]) == 0
+    assert_same_run(reference, killed)
+
+
+def kill_mid_run(args: list[str], out, steps: int, after: int = 5, wait_for: str = "") -> int:
+    """Start ``zotune ARGS`` in a subprocess and SIGKILL it once ``after`` steps are logged (and the file
+    ``wait_for`` exists in the run directory); returns the steps it had logged."""
+    proc = subprocess.Popen([sys.executable, "-m", "zotune.cli", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    trajectory = killed / "trajectory.jsonl"
+    trajectory = out / "trajectory.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it somewhere in the middle of training
-        if trajectory.exists() and len(trajectory.read_text().splitlines()) >= 5:
+        if trajectory.exists() and len(trajectory.read_text().splitlines()) >= after and \
+                (not wait_for or (out / wait_for).exists()):
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(trajectory.read_text().splitlines())
-    assert 5 <= done < 12, "the run must be killed mid-way"
-    assert not (killed / "adapter").exists()
+    assert after <= done < steps, "the run must be killed mid-way"
+    assert not (out / "adapter").exists()
+    return done
 
-    assert main(["train", "--resume", str(killed), "--progress", "false"]) == 0
-    a, b = adapter_tensors(reference / "adapter"), adapter_tensors(killed / "adapter")
+
+def assert_same_run(reference, resumed) -> None:
+    """Final and best tensors bit for bit, and the same logged steps."""
+    a, b = adapter_tensors(reference / "adapter"), adapter_tensors(resumed / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (reference / "trajectory.jsonl").read_text() == (killed / "trajectory.jsonl").read_text()
-    ref_best, res_best = adapter_tensors(reference / "best"), adapter_tensors(killed / "best")
+    assert (reference / "trajectory.jsonl").read_text() == (resumed / "trajectory.jsonl").read_text()
+    ref_best, res_best = adapter_tensors(reference / "best"), adapter_tensors(resumed / "best")
     assert all(torch.equal(ref_best[k], res_best[k]) for k in ref_best)
+
+
+@pytest.mark.parametrize("method,lr", [("agzo", "1e-3"), ("fo-lora", "1e-3")])
+def test_a_method_its_trajectory_cannot_rebuild_resumes_from_its_last_evaluation_bit_for_bit(
+        tiny_llama, tmp_path, method, lr):
+    """agzo's directions depend on each step's activations and fo-lora's updates on backprop, so their
+    trajectory is no checkpoint: they save state.pt at each dev evaluation (every 4 steps here), resume
+    from it and run the steps logged after it again. Without a state.pt the run starts again."""
+    settings = ("--method", method, "--lr", lr, "--optimizer", "adam") if method == "agzo" else ("--method", method,
+                                                                                                   "--lr", lr)
+    reference = tmp_path / "reference"
+    assert main(args_for(tiny_llama, reference, 10, *settings)) == 0
+    assert not (reference / "state.pt").exists(), "a finished run keeps no resume point"
+
+    killed = tmp_path / "killed"
+    done = kill_mid_run(args_for(tiny_llama, killed, 10, *settings), killed, steps=10, after=6, wait_for="state.pt")
+    state = torch.load(killed / "state.pt", weights_only=True)
+    assert state["step"] == 4 < done and state["params"], "the state of the evaluation at step 4"
+    fresh = tmp_path / "no-state"
+    shutil.copytree(killed, fresh)
+    (fresh / "state.pt").unlink()
+
+    for run in (killed, fresh):
+        assert main(["train", "--resume", str(run), "--progress", "false"]) == 0
+        assert_same_run(reference, run)
+        assert not (run / "state.pt").exists()
+        evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "dev_acc" in r]
+        assert [r["step"] for r in evals] == [0, 4, 8, 10], "each evaluation once, in order"
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):
@@ -75,8 +118,6 @@ def test_an_lr_schedule_is_a_function_of_the_step_logged_with_each_step_and_repl
     """linear and cosine decay from lr to 0 over the run, after an optional linear warmup; each step's lr is in
     its trajectory line, so replay rebuilds the adapter bit for bit, and a resume may not change the run's
     length (the steps taken had the lrs of that length)."""
-    import json
-
     from zotune.optim import lr_at
 
     assert [lr_at(1.0, s, 4, "constant") for s in range(4)] == [1.0] * 4

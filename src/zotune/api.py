@@ -13,7 +13,6 @@ perturbs tensors *you* choose, with no adapter attached by zotune.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 
 from .calibration import Calibration
 from .config import TrainConfig
-from .engine import StepResult, ZOEngine
+from .engine import StepResult, ZOEngine, engine_state, load_engine_state
 from .errors import ZOError
 from .methods import get_method
 from .methods.params import ParamsMethod, ParamsSpec
@@ -174,7 +173,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         cls = get_method(method)
         self.method = cls(cfg, params=params) if cls is ParamsMethod else cls(cfg)
         self.model, self.engine = build_engine(cfg, model, self.method, calibration)
-        self._optimizer = self.engine.optimizer
         self.last: StepResult | None = None
         super().__init__(list(self.method.params.values()), {"lr": cfg.lr})
 
@@ -232,50 +230,23 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self, params: bool = True) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to resume exactly; ``params=False`` leaves out the trainable values
         (for when the model is saved elsewhere, as a Trainer checkpoint does)."""
-        state: dict[str, Any] = {
-            "method": self.config.method,
-            "step": self.engine.step_count,
-            "forward_passes": self.engine.forward_passes,
-            "seed": self.engine.seed,
-            "eps": self.config.eps,
-            "queries": self.config.queries,
-            "lr": [float(g["lr"]) for g in self.param_groups],
-            # a copy: torch's optimizers (fo-lora's AdamW) hand out their live moment tensors, which the
-            # next step would change under a state the caller meant to keep
-            "optimizer": copy.deepcopy(self._optimizer.state_dict()),
-            "method_state": self.method.state_dict(),
-        }
-        if params:
-            state["params"] = {n: p.detach().clone() for n, p in self.method.params.items()}
-        return state
+        return {"method": self.config.method, "eps": self.config.eps, "queries": self.config.queries,
+                "lr": [float(g["lr"]) for g in self.param_groups], **engine_state(self.engine, params)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # type: ignore[override]
         """Restore a :meth:`state_dict`: the next step is the one the saved optimizer would have taken."""
         if state.get("method") != self.config.method:
             raise ZOError(f"state is for method {state.get('method')!r}, this optimizer runs {self.config.method!r}")
-        if int(state["seed"]) != self.engine.seed:  # the seed also shaped prepare() (AR1's atom offsets, ...)
+        if int(state["seed"]) != self.engine.seed:  # say how to build the matching optimizer
             raise ZOError(f"state was saved with seed {state['seed']}; build the optimizer with "
                           f"seed={state['seed']} (this one has seed={self.engine.seed})")
-        if "params" in state:
-            saved, ours = state["params"], self.method.params
-            if set(saved) != set(ours):
-                missing, extra = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
-                raise ZOError(f"state's trainable tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
-            with torch.no_grad():
-                for n, p in ours.items():
-                    if saved[n].shape != p.shape:
-                        raise ZOError(f"state's {n} has shape {tuple(saved[n].shape)}, the model's {tuple(p.shape)}")
-                    p.copy_(saved[n])
-        self.engine.step_count = int(state["step"])
-        self.engine.forward_passes = int(state["forward_passes"])
+        load_engine_state(self.engine, dict(state))
         self.config.eps = float(state.get("eps", self.config.eps))
         self.config.queries = int(state.get("queries", self.config.queries))
         if isinstance(self.engine, ZOEngine):
             self.engine.eps, self.engine.queries = self.config.eps, self.config.queries
         for g, lr in zip(self.param_groups, state.get("lr", [])):
             g["lr"] = lr
-        self._optimizer.load_state_dict(copy.deepcopy(state.get("optimizer", {})))
-        self.method.load_state_dict(state.get("method_state", {}))
 
     def __repr__(self) -> str:
         return (f"ZOOptimizer(method={self.config.method!r}, lr={self.param_groups[0]['lr']}, eps={self.config.eps}, "

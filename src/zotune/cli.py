@@ -349,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Settings come from defaults, then --config YAML, then flags.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of settings (keys as the flags, with _ or -)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run (killed or finished) exactly where it stopped; "
-                                                        "--steps may extend it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run (killed or finished) bit-exactly: replayed from its "
+                                                        "trajectory (agzo and fo-lora: from the state.pt of their last "
+                                                        "dev evaluation); --steps may extend it")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -48,6 +48,7 @@ Two properties the rest of zotune relies on:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -583,3 +584,41 @@ def require_replayable(method, rows: list[dict]) -> None:
     if rows and not method.replayable:
         raise ZOError(f"{method.name} runs cannot be replayed or resumed from their trajectory: "
                       f"{method.not_replayable}")
+
+
+def engine_state(engine, params: bool = True) -> dict:
+    """What continues an engine exactly without its trajectory: the step, the forward passes, the
+    seed, the optimizer's and the method's state and (``params``) the trainable tensors' values.
+
+    The one resume path of the methods a trajectory cannot rebuild (``replayable = False``):
+    ``zotune train`` keeps it in the run directory (``RunDir.save_state``), ``ZOOptimizer.state_dict``
+    hands it to the caller. ``engine``: a :class:`ZOEngine` or any engine with the same attributes.
+    """
+    state = {"step": engine.step_count, "forward_passes": engine.forward_passes, "seed": engine.seed,
+             # a copy: torch's optimizers (fo-lora's AdamW) hand out their live moment tensors, which the
+             # next step would change under a state the caller meant to keep
+             "optimizer": copy.deepcopy(engine.optimizer.state_dict()),
+             "method_state": engine.method.state_dict()}
+    if params:
+        state["params"] = {n: p.detach().clone() for n, p in engine.method.params.items()}
+    return state
+
+
+def load_engine_state(engine, state: dict, where: str = "state") -> None:
+    """Set an engine built from the same config back to an :func:`engine_state` (``where`` names it in errors)."""
+    if int(state["seed"]) != engine.seed:  # the seed also shaped prepare() (AR1's atom offsets, ...)
+        raise ZOError(f"{where} was saved with seed {state['seed']}; this run has seed {engine.seed}")
+    if "params" in state:
+        saved, ours = state["params"], engine.method.params
+        if set(saved) != set(ours):
+            missing, extra = sorted(set(ours) - set(saved)), sorted(set(saved) - set(ours))
+            raise ZOError(f"{where}: trainable tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for n, p in ours.items():
+                if saved[n].shape != p.shape:
+                    raise ZOError(f"{where}: {n} has shape {tuple(saved[n].shape)}, the model's {tuple(p.shape)}")
+                p.copy_(saved[n])
+    engine.step_count = int(state["step"])
+    engine.forward_passes = int(state["forward_passes"])
+    engine.optimizer.load_state_dict(copy.deepcopy(state.get("optimizer", {})))
+    engine.method.load_state_dict(state.get("method_state", {}))

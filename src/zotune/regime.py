@@ -27,8 +27,9 @@ budget; then 3 seeds train at the pick with the full budget (1,000 forward
 passes, 2,000 on SST-2; steps rounded up, so AGZO's 3-forward steps spend
 1,002 / 2,001) and are tested on a held-out split of 500 (the best-dev
 checkpoint, MeZO's protocol). Every run and probe is an ordinary run directory:
-a re-run skips what is finished, resumes what was killed (replayable methods
-exactly; AGZO starts that run again) and never retries a diverged probe.
+a re-run skips what is finished, resumes what was killed (exactly: replayable
+methods from their trajectory, AGZO from its last dev evaluation) and never
+retries a diverged probe.
 
 Output folder::
 

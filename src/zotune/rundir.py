@@ -8,6 +8,8 @@ Layout::
                              this determines the trained tensors (`zotune replay`, `--resume`)
     calibration.safetensors  what a calibrating method computed (ZO-Act's U), reused bit for bit
     calibration.json         its report (captured energy, time)
+    state.pt                 methods a trajectory cannot rebuild (agzo, fo-lora): the engine's state at
+                             the last dev evaluation, which `--resume` continues from; removed at the end
     adapter/                 the final trained tensors (a PEFT adapter, or the full model)
     best/                    the best-dev checkpoint
     summary.json             the run's summary, written last: its presence means the run finished
@@ -35,6 +37,7 @@ from .config import TrainConfig
 from .errors import ZOError, require
 
 CONFIG, METRICS, TRAJECTORY, SUMMARY = "config.yaml", "metrics.jsonl", "trajectory.jsonl", "summary.json"
+STATE = "state.pt"
 
 
 def read_trajectory(path: Path) -> list[dict]:
@@ -78,9 +81,11 @@ def check_free_space(path: Path, need: int) -> None:
 
 def run_bytes(cfg: TrainConfig, method) -> int:
     """About what a run writes: the trained tensors three times (adapter, best, the copy an atomic
-    save holds while swapping) plus the logs (a few hundred bytes per step)."""
+    save holds while swapping), for a method a trajectory cannot rebuild twice more with an
+    optimizer's two moments each (state.pt and its swap), plus the logs (a few hundred bytes per step)."""
     tensors = sum(p.numel() * p.element_size() for p in method.params.values())
-    return 3 * tensors + cfg.steps * (400 + 50 * cfg.queries)
+    state = 0 if method.replayable else 2 * 3 * tensors
+    return 3 * tensors + state + cfg.steps * (400 + 50 * cfg.queries)
 
 
 def default_path(cfg: TrainConfig) -> Path:
@@ -213,6 +218,41 @@ class RunDir:
         if old.exists():
             shutil.rmtree(old)
         return path
+
+    def save_state(self, engine) -> None:
+        """Keep the engine's state (:func:`zotune.engine.engine_state`), atomically: the resume point of a
+        run whose trajectory cannot rebuild its tensors."""
+        if not self.writable:
+            return
+        import torch
+
+        from .engine import engine_state
+
+        tmp = self.path / f".{STATE}.tmp"
+        torch.save(engine_state(engine), tmp)
+        os.replace(tmp, self.path / STATE)
+
+    def load_state(self, engine) -> int:
+        """Set ``engine`` to the saved state; returns its step (0, and ``engine`` untouched, when none was saved)."""
+        path = self.path / STATE
+        if not path.exists():
+            return 0
+        import torch
+
+        from .engine import load_engine_state
+
+        devices = {t.device for t in engine.method.params.values()}
+        try:  # onto the run's device when it has one (a state saved on another machine); else where saved
+            state = torch.load(path, map_location=devices.pop() if len(devices) == 1 else None, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is named, not a traceback from pickle
+            raise ZOError(f"{path}: not a zotune engine state ({exc}); delete it to start the run again") from None
+        load_engine_state(engine, state, str(path))
+        return engine.step_count
+
+    def drop_state(self) -> None:
+        """A finished run needs no resume point (its adapter holds the result)."""
+        if self.writable:
+            (self.path / STATE).unlink(missing_ok=True)
 
     def load_trained(self, model, method, name: str = "best"):
         """Load saved trainable values (adapter or full weights) from ``name``/ back into ``model`` in place."""

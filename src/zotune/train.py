@@ -87,7 +87,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     from the training data); None loads them as ``cfg`` says.
 
     Resume replays the run's trajectory onto the freshly prepared model (see
-    :meth:`ZOEngine.replay`), so a run killed at any moment continues bit-identically.
+    :meth:`ZOEngine.replay`), so a run killed at any moment continues bit-identically; a method
+    that cannot be replayed continues, as bit-identically, from its state at the last dev evaluation.
     Launched by torchrun, every rank runs this function (see :mod:`zotune.distributed`);
     rank 0 alone writes the run directory, and the other ranks return None.
     """
@@ -124,10 +125,20 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
                         writable=main)
     rundir.save_calibration(method)
 
-    # -- resume: replay the logged steps, keep the records consistent with them
+    # -- resume: replay the logged steps, keep the records consistent with them. A method whose
+    # trajectory cannot rebuild its tensors (agzo, fo-lora) continues from the state saved at its last
+    # dev evaluation (none: from the start); the steps logged after it run again
     done = rundir.trajectory() if previous else []
+    if method.replayable:
+        engine.replay(done)
+    elif done:
+        kept = rundir.load_state(engine)
+        say(f"zotune: {method.name} cannot be replayed from its trajectory: " + (
+            f"continuing from its state at step {kept} (state.pt); the {len(done) - kept} steps logged after it run "
+            f"again" if kept else "no state.pt was saved (it is written at each dev evaluation), so the run starts "
+            "again from step 0"))
+        done = done[:kept]
     records = rundir.metrics(len(done)) if previous else []
-    engine.replay(done)
     cluster.check_sync(engine.step_count, method.params, force=True)  # same start on every rank
     rundir.restart_logs(done, records)
     if previous:
@@ -162,6 +173,8 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
         def maybe_eval(step: int) -> None:
             nonlocal best_acc, best_step
             if cfg.eval_every and step % cfg.eval_every == 0 and 0 < step < cfg.steps and step not in evals:
+                if not method.replayable:
+                    rundir.save_state(engine)  # this run's resume point (see "resume" above)
                 evals[step] = acc = dev_eval(step, f"dev @ step {step}")
                 if acc > best_acc:
                     best_acc, best_step = acc, step
@@ -223,6 +236,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
         dtype=run.precision.name, dtype_reason=run.precision.reason, machine=machine_name(run.device),
     )
     rundir.write_summary(summary.__dict__)
+    rundir.drop_state()
     plot_run(rundir.path)  # curves.png: training loss and dev metric against forward passes
     return summary
 

@@ -175,7 +175,7 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, s
 
     Returns (what happened: trained | resumed | done before | failed | failed before, the error).
     A finished run is skipped, a failed one is not retried (a divergence is deterministic), a killed one
-    resumes exactly (or, for a method whose trajectory cannot be replayed, starts again).
+    resumes exactly (a method whose trajectory cannot be replayed: from its last dev evaluation).
     """
     from .methods import get_method
     from .train import train
@@ -191,7 +191,7 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, s
     resume = None
     if (path / "config.yaml").exists():
         same_config(path, cfg)
-        if (path / "trajectory.jsonl").exists() and get_method(cfg.method).replayable:
+        if (path / "trajectory.jsonl").exists():
             resume = path
         else:
             shutil.rmtree(path)
