@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from zotune.cli import main
+from zotune.rundir import RunDir
+from zotune.train import best_eval
 
 
 def adapter_tensors(folder):
@@ -38,17 +40,39 @@ def test_replay_rebuilds_the_saved_adapter_bit_for_bit(tiny_llama, tmp_path, cap
     assert '"bit_identical": true' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("schedule", [(), ("--lr-schedule", "cosine", "--warmup-steps", "3")],
-                         ids=["constant-lr", "cosine-with-warmup"])
-def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, tmp_path, schedule):
+@pytest.mark.parametrize("schedule,copied", [((), True), (("--lr-schedule", "cosine", "--warmup-steps", "3"), False)],
+                         ids=["constant-lr-copied-without-tensors", "cosine-with-warmup"])
+def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, schedule,
+                                                                   copied):
+    """``copied``: the killed run's folder lost its best-dev checkpoint (``best/``), as a copy without
+    tensors does; resume rebuilds it from the trajectory at the best evaluation's step on its way."""
     reference = tmp_path / "reference"
     assert main(args_for(tiny_llama, reference, 12, *schedule)) == 0
 
     killed = tmp_path / "killed"
-    kill_mid_run(args_for(tiny_llama, killed, 12, *schedule), killed, steps=12)
+    done = kill_mid_run(args_for(tiny_llama, killed, 12, *schedule), killed, steps=12)
+    rebuilt = []
+    if copied:
+        shutil.rmtree(killed / "best")
+        metrics = map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+        best_step = best_eval({r["step"]: r["dev_acc"] for r in metrics if "dev_acc" in r and r["step"] < done})[1]
+        assert best_step >= 4
+        save = RunDir.save
+
+        def keep_first_best(self, method, model, name="adapter"):
+            path = save(self, method, model, name)
+            if name == "best" and not rebuilt:
+                rebuilt.append(adapter_tensors(path))
+            return path
+
+        monkeypatch.setattr(RunDir, "save", keep_first_best)
 
     assert main(["train", "--resume", str(killed), "--progress", "false"]) == 0
     assert_same_run(reference, killed)
+    if copied:  # at a constant lr the first steps of the 12-step run are a run of best_step steps
+        assert main(args_for(tiny_llama, tmp_path / "short", best_step)) == 0
+        expected = adapter_tensors(tmp_path / "short" / "adapter")
+        assert rebuilt and all(torch.equal(rebuilt[0][k], expected[k]) for k in expected)
 
 
 def kill_mid_run(args: list[str], out, steps: int, after: int = 5, wait_for: str = "") -> int:

@@ -130,7 +130,11 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     # dev evaluation (none: from the start); the steps logged after it run again
     done = rundir.trajectory() if previous else []
     if method.replayable:
-        engine.replay(done)
+        rebuild_best = best_to_rebuild(rundir, done) if previous else 0
+        engine.replay(done[:rebuild_best])
+        if rebuild_best:  # a run folder copied without its tensors: the best-dev checkpoint is in the trajectory
+            rundir.save(method, model, "best")
+        engine.replay(done[rebuild_best:])
     elif done:
         kept = rundir.load_state(engine)
         say(f"zotune: {method.name} cannot be replayed from its trajectory: " + (
@@ -145,7 +149,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
         say(f"zotune: resuming {rundir.path} at step {engine.step_count} of {cfg.steps}")
     losses = [r["loss"] for r in records if "loss" in r]
     evals = {r["step"]: r["dev_acc"] for r in records if "dev_acc" in r}
-    best_acc, best_step = max(((a, s) for s, a in evals.items() if s > 0), default=(-1.0, 0))
+    best_acc, best_step = best_eval(evals)
     metric = metric_name(data.dev)
     extra: dict[str, float] = {}  # the last evaluation's other metrics (SQuAD: em), logged beside dev_acc
 
@@ -239,6 +243,19 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     rundir.drop_state()
     plot_run(rundir.path)  # curves.png: training loss and dev metric against forward passes
     return summary
+
+
+def best_eval(evals: dict[int, float]) -> tuple[float, int]:
+    """The best dev score after step 0 and its step: the earliest of equal scores, as the loop keeps it."""
+    return max(((a, s) for s, a in evals.items() if s > 0), key=lambda e: (e[0], -e[1]), default=(-1.0, 0))
+
+
+def best_to_rebuild(rundir: RunDir, done: list[dict]) -> int:
+    """The step of the best dev evaluation among the ``done`` steps when its checkpoint (``best/``) is
+    missing, as in a run directory copied without its tensors; else 0 (nothing to rebuild)."""
+    if (rundir.path / "best").exists():
+        return 0
+    return best_eval({r["step"]: r["dev_acc"] for r in rundir.metrics(len(done)) if "dev_acc" in r})[1]
 
 
 LOSS_WINDOW = 10
