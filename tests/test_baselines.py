@@ -341,5 +341,6 @@ def test_lozo_m_state_dict_round_trip_resumes_bit_identically(tiny_llama):
         step(b)
     a, b = straight.method.params, resumed.method.params
     assert all(bit_identical(a[n].data, b[n].data) for n in a)
-    assert resumed.engine.optimizer.epoch == straight.engine.optimizer.epoch and set(resumed.engine.optimizer.epoch.values()) == {1}
-    assert all(bit_identical(straight.engine.optimizer.buf[n], resumed.engine.optimizer.buf[n]) for n in straight.engine.optimizer.buf)
+    ours, theirs = resumed.engine.optimizer, straight.engine.optimizer
+    assert ours.epoch == theirs.epoch and set(ours.epoch.values()) == {1}
+    assert all(bit_identical(theirs.buf[n], ours.buf[n]) for n in theirs.buf)

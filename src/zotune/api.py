@@ -240,7 +240,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if int(state["seed"]) != self.engine.seed:  # say how to build the matching optimizer
             raise ZOError(f"state was saved with seed {state['seed']}; build the optimizer with "
                           f"seed={state['seed']} (this one has seed={self.engine.seed})")
-        load_engine_state(self.engine, dict(state))
+        load_engine_state(self.engine, state)
         self.config.eps = float(state.get("eps", self.config.eps))
         self.config.queries = int(state.get("queries", self.config.queries))
         if isinstance(self.engine, ZOEngine):

@@ -52,7 +52,7 @@ import copy
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -604,7 +604,7 @@ def engine_state(engine, params: bool = True) -> dict:
     return state
 
 
-def load_engine_state(engine, state: dict, where: str = "state") -> None:
+def load_engine_state(engine, state: Mapping, where: str = "state") -> None:
     """Set an engine built from the same config back to an :func:`engine_state` (``where`` names it in errors)."""
     if int(state["seed"]) != engine.seed:  # the seed also shaped prepare() (AR1's atom offsets, ...)
         raise ZOError(f"{where} was saved with seed {state['seed']}; this run has seed {engine.seed}")

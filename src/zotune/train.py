@@ -129,13 +129,7 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     # trajectory cannot rebuild its tensors (agzo, fo-lora) continues from the state saved at its last
     # dev evaluation (none: from the start); the steps logged after it run again
     done = rundir.trajectory() if previous else []
-    if method.replayable:
-        rebuild_best = best_to_rebuild(rundir, done) if previous else 0
-        engine.replay(done[:rebuild_best])
-        if rebuild_best:  # a run folder copied without its tensors: the best-dev checkpoint is in the trajectory
-            rundir.save(method, model, "best")
-        engine.replay(done[rebuild_best:])
-    elif done:
+    if done and not method.replayable:
         kept = rundir.load_state(engine)
         say(f"zotune: {method.name} cannot be replayed from its trajectory: " + (
             f"continuing from its state at step {kept} (state.pt); the {len(done) - kept} steps logged after it run "
@@ -143,13 +137,20 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
             "again from step 0"))
         done = done[:kept]
     records = rundir.metrics(len(done)) if previous else []
+    evals = {r["step"]: r["dev_acc"] for r in records if "dev_acc" in r}
+    best_acc, best_step = best_eval(evals)
+    if method.replayable:
+        # a run folder copied without its tensors has no best/: rebuild it at its step on the way
+        rebuild = best_step if previous and not (rundir.path / "best").exists() else 0
+        engine.replay(done[:rebuild])
+        if rebuild:
+            rundir.save(method, model, "best")
+        engine.replay(done[rebuild:])
     cluster.check_sync(engine.step_count, method.params, force=True)  # same start on every rank
     rundir.restart_logs(done, records)
     if previous:
         say(f"zotune: resuming {rundir.path} at step {engine.step_count} of {cfg.steps}")
     losses = [r["loss"] for r in records if "loss" in r]
-    evals = {r["step"]: r["dev_acc"] for r in records if "dev_acc" in r}
-    best_acc, best_step = best_eval(evals)
     metric = metric_name(data.dev)
     extra: dict[str, float] = {}  # the last evaluation's other metrics (SQuAD: em), logged beside dev_acc
 
@@ -248,14 +249,6 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
 def best_eval(evals: dict[int, float]) -> tuple[float, int]:
     """The best dev score after step 0 and its step: the earliest of equal scores, as the loop keeps it."""
     return max(((a, s) for s, a in evals.items() if s > 0), key=lambda e: (e[0], -e[1]), default=(-1.0, 0))
-
-
-def best_to_rebuild(rundir: RunDir, done: list[dict]) -> int:
-    """The step of the best dev evaluation among the ``done`` steps when its checkpoint (``best/``) is
-    missing, as in a run directory copied without its tensors; else 0 (nothing to rebuild)."""
-    if (rundir.path / "best").exists():
-        return 0
-    return best_eval({r["step"]: r["dev_acc"] for r in rundir.metrics(len(done)) if "dev_acc" in r})[1]
 
 
 LOSS_WINDOW = 10

@@ -177,7 +177,6 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, s
     A finished run is skipped, a failed one is not retried (a divergence is deterministic), a killed one
     resumes exactly (a method whose trajectory cannot be replayed: from its last dev evaluation).
     """
-    from .methods import get_method
     from .train import train
 
     path = Path(cfg.output_dir)
