@@ -4,7 +4,8 @@ Precision follows the hardware: a bf16 base only where the trainable values
 stay float32 (or are written without bias) and the device computes bf16
 natively *and fast*. On a CPU, bf16 instructions are not enough: with AMX a
 SmolLM2 forward is 3.4x faster in bf16, while a Xeon with avx512_bf16 but no
-AMX ran it at 0.64x of fp32 (benchmarks/results/precision*.md). So on a CPU
+AMX ran it at 0.64x of fp32, and one with AVX-512 but no bf16 instructions (which
+oneDNN emulates) at 0.35x (benchmarks/results/precision*.md). So on a CPU
 ``auto`` measures a small transformer block in both dtypes once per machine
 (cached) and takes bf16 only where it wins. What was picked, and why, goes
 into the run's summary.
@@ -37,8 +38,15 @@ def pick_device(name: str) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (avx512_bf16 or AMX), as torch's oneDNN sees it."""
-    try:
+    """Whether this CPU has bf16 instructions (avx512_bf16 or AMX), as torch's CPU-feature probe sees it.
+
+    Why not oneDNN's ``_is_mkldnn_bf16_supported``: it says yes on any AVX-512 CPU, where oneDNN
+    emulates bf16 (an Ice Lake Xeon without avx512_bf16 ran a SmolLM2 forward at 0.35x of fp32).
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        return any(bool(probe()) for probe in probes)
+    try:  # an older torch without those probes
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
