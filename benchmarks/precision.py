@@ -78,7 +78,8 @@ def main() -> None:
             row["step_speedup_vs_fp32"] = round(f32["step_cpu_s"] / row["step_cpu_s"], 2)
             row["wall_forward_speedup_vs_fp32"] = round(f32["forward_s"] / row["forward_s"], 2)
         print(json.dumps(b16))
-    meta = {"cpu": cpu_name(), "cpu_has_native_bf16": cpu_has_native_bf16(), "threads": args.threads, "batch_size": args.batch_size,
+    meta = {"cpu": cpu_name(), "cpu_has_native_bf16": cpu_has_native_bf16(), "threads": args.threads,
+            "batch_size": args.batch_size,
             "load_average": os.getloadavg(), "timing": "speed-ups and step/forwards from CPU seconds; wall seconds beside",
             "task": args.task, "repeats": args.repeats, "torch": torch.__version__,
             "command": "python benchmarks/precision.py " + " ".join(
@@ -86,7 +87,8 @@ def main() -> None:
     out = Path(args.out)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# fp32 vs bf16 base: forward time and ZO step cost ({args.task}, batch {args.batch_size})", "",
-             f"`{meta['command']}`; CPU {meta['cpu']}, native bf16: {meta['cpu_has_native_bf16']}; torch {torch.__version__}; "
+             f"`{meta['command']}`; CPU {meta['cpu']}, native bf16: {meta['cpu_has_native_bf16']}; "
+             f"torch {torch.__version__}; "
              f"medians of {args.repeats} interleaved repeats in one process; load average at the end "
              f"{', '.join(f'{x:.1f}' for x in meta['load_average'])} on {os.cpu_count()} cores. Speed-ups and "
              "step / its forwards are from the process's CPU seconds (one thread: the work itself); wall seconds "

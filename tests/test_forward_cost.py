@@ -198,12 +198,10 @@ def test_the_bf16_speed_is_measured_once_per_machine_and_cached(monkeypatch, tmp
 def test_native_bf16_means_the_cpu_has_bf16_instructions():
     """oneDNN calls any AVX-512 CPU bf16-capable and emulates it there (an Ice Lake Xeon without
     avx512_bf16 ran a SmolLM2 forward at 0.35x of fp32): "native" must follow the CPU's own flags."""
-    from zotune.hardware import cpu_has_native_bf16
+    from zotune.hardware import cpu_has_native_bf16, cpu_info
 
-    try:
-        flags = next(set(line.split(":", 1)[1].split()) for line in open("/proc/cpuinfo", encoding="utf-8")
-                     if line.startswith("flags"))
-    except (OSError, StopIteration):
+    flags = cpu_info()[1]
+    if not flags:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
 

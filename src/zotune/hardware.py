@@ -52,9 +52,9 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def cpu_name() -> str:
-    """The CPU's model name and its bf16-relevant flags: what the bf16 measurement is cached under."""
-    name, flags = platform.processor() or platform.machine(), set()
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags as /proc/cpuinfo lists them ("" and none where it cannot be read)."""
+    name, flags = "", set()
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
             key, _, value = line.partition(":")
@@ -65,8 +65,14 @@ def cpu_name() -> str:
                 break
     except OSError:
         pass
+    return name, flags
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its bf16-relevant flags: what the bf16 measurement is cached under."""
+    name, flags = cpu_info()
     isa = sorted(f for f in flags if f in {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"})
-    return f"{name} [{' '.join(isa)}]"
+    return f"{name or platform.processor() or platform.machine()} [{' '.join(isa)}]"
 
 
 def machine_name(device: str) -> str:
