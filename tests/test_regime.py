@@ -109,6 +109,30 @@ def test_the_preset_plans_the_issues_protocol(native_bf16, tmp_path):
     assert study.diagnostics and ISSUE_COSINE_NS <= set(study.diag_ns)
 
 
+def test_zoacts_claim_is_also_read_with_every_entry_in_fp32(native_bf16, tmp_path):
+    """AGZO, LOZO and SubZero train in fp32 whatever the base, so on a bf16 base zoact and mezo-lora (r = 8) are
+    trained in fp32 too: zoact minus each baseline is then also read with both in fp32, a secondary comparison
+    beside the primary one on the base. On an fp32 base the two are the same entries, compared once."""
+    p = regime.plan(regime.Study(), tmp_path / "bf16", prepare=False)
+    tasks = sorted({c.task for c in p.cells})
+    for arm in ISSUE_ARMS:
+        zo = {(e.variant.name, e.variant.rank, e.dtype) for e in p.entries if "zoact" in e.claims and e.arm == arm}
+        assert {("zoact", None, "bfloat16"), ("zoact", None, "float32"), ("mezo-lora", 8, "bfloat16"),
+                ("mezo-lora", 8, "float32"), ("agzo", None, "float32")} <= zo
+    score = {}  # a made-up test accuracy per entry label and seed: zoact in fp32 0.70, every baseline 0.65
+    rows = [{"entry": e.label, "task": t, "seed": seed, "status": "ok",
+             "test": score.setdefault(e.label, 0.70 if e.variant.name == "zoact" else 0.65) + 0.01 * seed}
+            for e in p.entries for t in tasks for seed in (0, 1, 2)]
+    fp32 = [c for c in regime.comparisons(p, rows) if c.claim == "zoact" and "both fp32" in c.what]
+    assert len(fp32) == len(ISSUE_ARMS) * len(tasks) * 4  # agzo, mezo-lora, lozo, subzero
+    for c in fp32:
+        assert not c.primary and c.kind == "better" and c.a == f"zoact-fp32-{c.arm}" and "-fp32-" in c.b
+        assert c.interval["n"] == 3 and c.interval["mean"] == pytest.approx(0.05) and c.verdict == "holds"
+    q = regime.plan(regime.Study(base_dtype="float32"), tmp_path / "fp32", prepare=False)
+    assert not [c for c in regime.comparisons(q, rows) if "both fp32" in c.what]
+    assert {e.roles for e in q.entries if e.variant.name == "zoact"} == {("base", "fp32")}
+
+
 def test_cells_that_would_train_the_same_runs_train_them_once(native_bf16, tmp_path):
     """At r = 8 the canonical atom (alpha/r, alpha 16) and ar1zo (alpha 2 at every rank) build the same adapter,
     scale 2 (the preset test above checks the scales): their probes and runs are the same bit for bit, so the

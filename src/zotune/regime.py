@@ -17,7 +17,10 @@ every method), on SST-2 and two more tasks where SmolLM2-135M is above chance:
   mezo-lora (r = 8), lozo, subzero. AGZO, LOZO and SubZero train base weights,
   so their base is fp32 whatever the CPU (``--dtype auto`` keeps trained base
   weights in fp32; bf16 would need stochastically rounded updates, a
-  different optimizer arithmetic from the other entries).
+  different optimizer arithmetic from the other entries). On a bf16 base,
+  zoact and mezo-lora (r = 8) run in fp32 as well (the contrast: every entry
+  in fp32, so a gap to the three full-weight baselines is not the base's
+  precision); on an fp32 base the contrast is the comparison itself.
 
 Per (entry, task): the lr is picked by :func:`zotune.tune.tune` (probes on a dev
 split carved out of the training split, never the dev or test files) over the
@@ -145,7 +148,8 @@ def claim_variants(claim: str, ranks: tuple[int, ...] = RANKS, contrast_rank: in
         return [Variant(c, r) for c in trio for r in ranks] + [Variant(c, contrast_rank, "fp32") for c in trio]
     if claim == "zoact":
         return [Variant("zoact"), Variant("zoact", quantize="int8"), Variant("agzo"), Variant("mezo-lora", 8),
-                Variant("lozo"), Variant("subzero")]
+                Variant("lozo"), Variant("subzero"), Variant("zoact", precision="fp32"),
+                Variant("mezo-lora", 8, "fp32")]
     raise ZOError(f"unknown claim {claim!r}; choose from: {', '.join(CLAIMS)}")
 
 
@@ -394,7 +398,7 @@ def plan_entries(study: Study, base: str = "float32") -> tuple[list[Entry], list
                                        tuple(default_grid(lr_centre(v.config, arm, v.rank))))
     if any(set(e.roles) == {"base", "fp32"} for e in entries.values()):
         notes.append("this machine has no native bf16 (or the device lacks it): the base ran in fp32, so the "
-                     "fp32 contrast is the r = 64 comparison itself")
+                     "fp32 contrasts are the base comparisons themselves")
     if any(e.variant.precision == "base" and e.dtype == "float32" and e.variant.config in ("agzo", "lozo", "subzero")
            for e in entries.values()):
         notes.append("agzo, lozo and subzero train base weights, so their base is fp32 (--dtype auto keeps trained "
@@ -1064,6 +1068,12 @@ def _find(entries: list[Entry], name: str, rank: int | None, role: str, arm: str
                  and e.arm == arm), None)
 
 
+def _find_fp32(entries: list[Entry], name: str, rank: int | None, arm: str) -> Entry | None:
+    """The entry of ``name`` that trains in fp32: its fp32 contrast, or its base where that is fp32 already."""
+    return next((e for e in entries if e.variant.name == name and e.variant.rank == rank and e.arm == arm
+                 and e.dtype == "float32"), None)
+
+
 def scores_by_seed(rows: list[dict], entry: str, task: str) -> dict[int, float]:
     return {r["seed"]: r["test"] for r in rows if r["entry"] == entry and r["task"] == task and r["status"] == "ok"}
 
@@ -1111,6 +1121,12 @@ def comparisons(p: Plan, rows: list[dict]) -> list[Comparison]:
                     b = _find(es, base, 8 if base == "mezo-lora" else None, "base", arm)
                     if a and b:
                         specs.append((a, b, f"zoact ({dt(a)}) − {base} ({dt(b)})", "better", True, f"vs {base}"))
+                af = _find(es, "zoact", None, "fp32", arm)
+                for base in claim.baselines:
+                    bf = _find_fp32(es, base, 8 if base == "mezo-lora" else None, arm)
+                    if af and bf and "base" not in af.roles:
+                        specs.append((af, bf, f"zoact − {base}, both fp32 (contrast)", "better", False,
+                                      f"vs {base}, fp32"))
                 q = _find(es, "zoact-int8", None, "base", arm)
                 if a and q:
                     specs.append((q, a, f"zoact on int8 − zoact on {dt(a)}", "no worse", True, "int8 base"))
