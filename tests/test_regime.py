@@ -237,6 +237,8 @@ def shrunk(tmp_path_factory):
 
 def test_a_shrunk_study_runs_end_to_end_and_picks_each_lr_itself(shrunk):
     out, result, log = shrunk
+    trained = [line.rsplit(": ", 1)[0] for line in log if line.endswith(": trained")]
+    assert trained and [line.rsplit(": ", 1)[0] for line in log if ": training " in line] == trained
     record = json.loads((out / "results.json").read_text())
     rows = record["runs"]
     cells = result["plan"].cells
@@ -311,6 +313,9 @@ def test_a_rerun_skips_finished_work_and_resumes_a_killed_run(shrunk):
     log: list[str] = []
     regime.run_study(regime.Study(**SHRUNK), out, say=log.append)
     assert sum(": resumed" in line for line in log) == 1 and not any(": trained" in line for line in log)
+    started = [line for line in log if ": training " in line or ": resuming " in line]  # said before it ran
+    assert len(started) == 1 and started[0].startswith("ar1zo-r4-fp32-sgd synthetic seed 1 (lr ")
+    assert "replayed first" in started[0]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing finished was trained again
     assert (out / "diagnostics/synthetic/grad_cosine.json").stat().st_mtime_ns == diag
     assert (out / "zero_shot.json").stat().st_mtime_ns == zero and not any("zero-shot" in ln for ln in log)

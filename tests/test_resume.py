@@ -42,10 +42,11 @@ def test_replay_rebuilds_the_saved_adapter_bit_for_bit(tiny_llama, tmp_path, cap
 
 @pytest.mark.parametrize("schedule,copied", [((), True), (("--lr-schedule", "cosine", "--warmup-steps", "3"), False)],
                          ids=["constant-lr-copied-without-tensors", "cosine-with-warmup"])
-def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, schedule,
-                                                                   copied):
+def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, tmp_path, monkeypatch, capsys,
+                                                                   schedule, copied):
     """``copied``: the killed run's folder lost its best-dev checkpoint (``best/``), as a copy without
-    tensors does; resume rebuilds it from the trajectory at the best evaluation's step on its way."""
+    tensors does; resume rebuilds it from the trajectory at the best evaluation's step on its way. The
+    replay says what it does before it starts (a full-weight method's takes minutes)."""
     reference = tmp_path / "reference"
     assert main(args_for(tiny_llama, reference, 12, *schedule)) == 0
 
@@ -67,7 +68,11 @@ def test_resume_after_sigkill_mid_run_matches_an_uninterrupted_run(tiny_llama, t
 
         monkeypatch.setattr(RunDir, "save", keep_first_best)
 
-    assert main(["train", "--resume", str(killed), "--progress", "false"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(killed), "--progress", "true"]) == 0  # true: it says what it does
+    said = capsys.readouterr().err
+    assert f"replaying the {done} logged steps of {killed}" in said and f"at step {done} of 12" in said
+    assert said.index("replaying the") < said.index("resuming")
     assert_same_run(reference, killed)
     if copied:  # at a constant lr the first steps of the 12-step run are a run of best_step steps
         assert main(args_for(tiny_llama, tmp_path / "short", best_step)) == 0

@@ -572,11 +572,15 @@ class ZOEngine:
         self.step_count = step + 1
         return spent
 
-    def replay(self, rows: list[dict]) -> None:
-        """Apply logged steps (``{"step", "g", "lr"}`` rows, in order) to the freshly prepared method."""
+    def replay(self, rows: list[dict], on_step: Callable[[], object] | None = None) -> None:
+        """Apply logged steps (``{"step", "g", "lr"}`` rows, in order) to the freshly prepared method;
+        ``on_step`` after each (a progress bar: a full-weight method's replay regenerates every step's
+        perturbation of every weight, minutes for a few hundred steps)."""
         require_replayable(self.method, rows)
         for row in rows:
             self.apply(row["step"], row["g"], row["lr"], passes=True)
+            if on_step is not None:
+                on_step()
 
 
 def require_replayable(method, rows: list[dict]) -> None:

@@ -760,11 +760,30 @@ def run_cell(cell: Cell, study: Study, retry_failed: bool, say) -> list[dict]:
             import shutil
 
             shutil.rmtree(path)
+        say_start(f"{cell.entry.label} {cell.task} seed {seed} (lr {chosen['lr']:g})", cfg, say)
         what, error = run_or_reuse(cfg)
         errors[seed] = error
         say(f"{cell.entry.label} {cell.task} seed {seed} (lr {chosen['lr']:g}): {what}"
             + (f": {error}" if error else ""))
     return cell_rows(cell, study.seeds, chosen, grid, tune_json, errors)
+
+
+def say_start(what: str, cfg: TrainConfig, say) -> None:
+    """A line before a run that will train: an hour of silence otherwise, and a resume's replay of a
+    full-weight method takes minutes before its first new step."""
+    from .methods import get_method
+
+    path = Path(cfg.output_dir)
+    if (path / "summary.json").exists() or (path / "failed.json").exists():
+        return  # skipped: run_cell says so after
+    logged = path / "trajectory.jsonl"
+    n = len(logged.read_text().splitlines()) if logged.exists() and (path / "config.yaml").exists() else 0
+    if not n:
+        say(f"{what}: training {cfg.steps} steps")
+    elif get_method(cfg.method).replayable:
+        say(f"{what}: resuming after step {n} of {cfg.steps}; its {n} logged steps are replayed first")
+    else:
+        say(f"{what}: resuming after step {n} of {cfg.steps} from its state at the last dev evaluation")
 
 
 def read_cell(cell: Cell, study: Study) -> list[dict]:
