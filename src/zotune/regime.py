@@ -760,30 +760,12 @@ def run_cell(cell: Cell, study: Study, retry_failed: bool, say) -> list[dict]:
             import shutil
 
             shutil.rmtree(path)
-        say_start(f"{cell.entry.label} {cell.task} seed {seed} (lr {chosen['lr']:g})", cfg, say)
-        what, error = run_or_reuse(cfg)
+        what, error = run_or_reuse(cfg, starting=lambda msg: say(
+            f"{cell.entry.label} {cell.task} seed {seed} (lr {chosen['lr']:g}): {msg}"))
         errors[seed] = error
         say(f"{cell.entry.label} {cell.task} seed {seed} (lr {chosen['lr']:g}): {what}"
             + (f": {error}" if error else ""))
     return cell_rows(cell, study.seeds, chosen, grid, tune_json, errors)
-
-
-def say_start(what: str, cfg: TrainConfig, say) -> None:
-    """A line before a run that will train: an hour of silence otherwise, and a resume's replay of a
-    full-weight method takes minutes before its first new step."""
-    from .methods import get_method
-
-    path = Path(cfg.output_dir)
-    if (path / "summary.json").exists() or (path / "failed.json").exists():
-        return  # skipped: run_cell says so after
-    logged = path / "trajectory.jsonl"
-    n = len(logged.read_text().splitlines()) if logged.exists() and (path / "config.yaml").exists() else 0
-    if not n:
-        say(f"{what}: training {cfg.steps} steps")
-    elif get_method(cfg.method).replayable:
-        say(f"{what}: resuming after step {n} of {cfg.steps}; its {n} logged steps are replayed first")
-    else:
-        say(f"{what}: resuming after step {n} of {cfg.steps} from its state at the last dev evaluation")
 
 
 def read_cell(cell: Cell, study: Study) -> list[dict]:
@@ -1089,8 +1071,8 @@ def _find(entries: list[Entry], name: str, rank: int | None, role: str, arm: str
 
 def _find_fp32(entries: list[Entry], name: str, rank: int | None, arm: str) -> Entry | None:
     """The entry of ``name`` that trains in fp32: its fp32 contrast, or its base where that is fp32 already."""
-    return next((e for e in entries if e.variant.name == name and e.variant.rank == rank and e.arm == arm
-                 and e.dtype == "float32"), None)
+    e = _find(entries, name, rank, "fp32", arm) or _find(entries, name, rank, "base", arm)
+    return e if e is not None and e.dtype == "float32" else None
 
 
 def scores_by_seed(rows: list[dict], entry: str, task: str) -> dict[int, float]:

@@ -142,20 +142,17 @@ def train(cfg: TrainConfig, resume: Path | None = None, data: TaskData | None = 
     if method.replayable:
         # a run folder copied without its tensors has no best/: rebuild it at its step on the way
         rebuild = best_step if previous and not (rundir.path / "best").exists() else 0
-        bar = None
         if done:
             say(f"zotune: replaying the {len(done)} logged steps of {rundir.path} to rebuild its tensors "
                 f"(updates only, no forward passes)")
-            if cfg.progress and main:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=len(done), desc="replay", unit="step", dynamic_ncols=True, leave=False)
-        tick = bar.update if bar is not None else None
-        engine.replay(done[:rebuild], tick)
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(done), desc="replay", unit="step", dynamic_ncols=True, leave=False,
+                   disable=not (done and cfg.progress and main))
+        engine.replay(done[:rebuild], bar.update)
         if rebuild:
             rundir.save(method, model, "best")
-        engine.replay(done[rebuild:], tick)
-        if bar is not None:
-            bar.close()
+        engine.replay(done[rebuild:], bar.update)
+        bar.close()
     cluster.check_sync(engine.step_count, method.params, force=True)  # same start on every rank
     rundir.restart_logs(done, records)
     if previous:

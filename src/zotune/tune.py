@@ -170,13 +170,18 @@ def same_config(path: Path, cfg: TrainConfig) -> None:
     check_same_config(path, cfg, "tune")
 
 
-def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, str]:
+def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None,
+                 starting: Callable[[str], object] | None = None) -> tuple[str, str]:
     """Train the run ``cfg`` describes into ``cfg.output_dir``, or reuse what is there.
 
     Returns (what happened: trained | resumed | done before | failed | failed before, the error).
     A finished run is skipped, a failed one is not retried (a divergence is deterministic), a killed one
     resumes exactly (a method whose trajectory cannot be replayed: from its last dev evaluation).
+    ``starting`` is told what is about to happen before a run that trains ("training N steps", "resuming
+    after step N ..."): a long run is silent until it ends, and a full-weight replay takes minutes.
     """
+    from .methods import get_method
+    from .rundir import read_trajectory
     from .train import train
 
     path = Path(cfg.output_dir)
@@ -196,6 +201,14 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None) -> tuple[str, s
             shutil.rmtree(path)
     elif path.exists() and any(path.iterdir()):
         raise ZOError(f"{path} exists and is not a run directory; use another --out (or delete that folder)")
+    if starting is not None:
+        n = len(read_trajectory(path / "trajectory.jsonl")) if resume else 0
+        if not n:
+            starting(f"training {cfg.steps} steps")
+        elif get_method(cfg.method).replayable:
+            starting(f"resuming after step {n} of {cfg.steps}; its {n} logged steps are replayed first")
+        else:
+            starting(f"resuming after step {n} of {cfg.steps} from its state at the last dev evaluation")
     try:
         train(TrainConfig.from_dict(cfg.to_dict(), source="zotune tune"), resume=resume, data=data)
     except ZOError as exc:  # a diverged run is a result: recorded, and never picked
