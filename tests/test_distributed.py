@@ -51,13 +51,22 @@ def jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-WORKER = textwrap.dedent("""
+# the names of this process's native threads (Linux), gloo's among them while a group lives
+THREAD_NAMES = textwrap.dedent("""
+    import os
+
+    def thread_names():
+        return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+""")
+
+WORKER = THREAD_NAMES + textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from zotune.cli import main
-    from zotune.distributed import Cluster
+    from zotune.distributed import Cluster, import_before_group
     from zotune.errors import ZOError
 
-    # two runs in one launch (starting Python twice costs more than the runs), in one process group
+    # a group this script owns, as a user's own launcher would: the imports first, so the group is freeable
+    import_before_group()
     dist.init_process_group("gloo")
     for args in json.loads(sys.argv[1]):
         assert main(args) == 0
@@ -77,22 +86,39 @@ WORKER = textwrap.dedent("""
     except ZOError as exc:
         say(f"rank {rank} caught:", exc)
     dist.destroy_process_group()
+    say(f"rank {rank} threads after destroy:", " ".join(thread_names()))
+""")
+
+# `zotune train` as torchrun starts it, creating and destroying its own process group; at exit
+# each rank writes which native threads are still alive (gloo's must be gone by then)
+CLI = THREAD_NAMES + textwrap.dedent("""
+    import atexit, os, sys
+    from zotune.cli import main
+
+    def threads_at_exit():
+        with open(sys.argv[1] + "." + os.environ["RANK"], "w") as f:
+            f.write(" ".join(thread_names()))
+
+    atexit.register(threads_at_exit)
+    sys.exit(main(sys.argv[2:]))
 """)
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
-    """One process and two ranks (one torchrun launch), data-parallel and query-parallel with q = 2."""
+    """One process and two ranks: `zotune train` data-parallel, and a script that runs query-parallel
+    (q = 2) and the exchanges in a group of its own."""
     tmp = tmp_path_factory.mktemp("dist")
-    script = tmp / "worker.py"
-    script.write_text(WORKER)
-    two = [train_args(tiny_llama, tmp / "data2", "--parallel", "data"),
-           train_args(tiny_llama, tmp / "query2", "--queries", "2", "--parallel", "query")]
-    launch = torchrun(str(script), json.dumps(two), str(tmp / "ranks"))
+    (tmp / "cli.py").write_text(CLI)
+    (tmp / "worker.py").write_text(WORKER)
+    cli = torchrun(str(tmp / "cli.py"), str(tmp / "exit"), *train_args(tiny_llama, tmp / "data2", "--parallel", "data"))
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    query = [train_args(tiny_llama, tmp / "query2", "--queries", "2", "--parallel", "query")]
+    launch = torchrun(str(tmp / "worker.py"), json.dumps(query), str(tmp / "ranks"))
     assert launch.returncode == 0, launch.stderr[-3000:]
     assert main(train_args(tiny_llama, tmp / "data1")) == 0
     assert main(train_args(tiny_llama, tmp / "query1", "--queries", "2")) == 0
-    return tmp, launch.stdout
+    return tmp, cli.stdout + launch.stdout
 
 
 def test_data_parallel_run_matches_the_one_process_run_on_the_full_batch(runs, capsys):
@@ -136,6 +162,16 @@ def test_query_gather_pads_uneven_ranks_and_a_parameter_mismatch_stops_every_ran
         assert f"rank {rank} gathered [(0, 0.0, 0.0), (1, 10.0, 1.0), (2, 20.0, 2.0)]" in out
         assert f"rank {rank} same params pass" in out
         assert f"rank {rank} caught: parameters differ across ranks after step 2" in out
+
+
+def test_destroying_the_group_stops_gloo_threads_before_the_process_exits(runs):
+    # A group that outlives destroy_process_group (pinned by an import made after it existed)
+    # leaves gloo's threads running into interpreter exit, where the process now and then aborts.
+    tmp, _ = runs
+    for rank in (0, 1):
+        at_exit = (tmp / f"exit.{rank}").read_text()  # zotune train, which owned its group
+        after = (tmp / f"ranks.{rank}").read_text().split("threads after destroy:")[1]  # the script's group
+        assert at_exit and "gloo" not in at_exit and after.strip() and "gloo" not in after
 
 
 def test_data_shards_are_contiguous_slices_whose_union_is_the_batch():

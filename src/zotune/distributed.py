@@ -163,6 +163,20 @@ class Cluster:
                 dist.destroy_process_group()
 
 
+def import_before_group() -> None:
+    """Import, before a process group exists, the torch modules a model load imports anyway.
+
+    torch's FSDP modules (imported by ``transformers.modeling_utils``) take
+    ``dist.group.WORLD`` as default arguments, evaluated at import. Imported after
+    ``init_process_group``, they hold the default group for the life of the
+    process: ``destroy_process_group`` cannot free it, gloo's threads keep
+    running into interpreter exit, and there the process now and then aborts
+    ("terminate called without an active exception") after a run that succeeded.
+    Call this before ``init_process_group`` if you create the group yourself.
+    """
+    import torch.distributed.fsdp  # noqa: F401
+
+
 def from_env(cfg) -> Cluster:
     """The cluster torchrun launched this process into (``WORLD_SIZE`` > 1), else a cluster of one.
 
@@ -186,6 +200,7 @@ def from_env(cfg) -> Cluster:
                                          f"must be >= {world}, got {cfg.batch_size}")
     cluster = Cluster(rank, world, cfg.parallel, cfg.check_sync_every, "cuda" if cuda else "cpu")
     if not dist.is_initialized():  # rank 0 may evaluate alone for a while: a long timeout
+        import_before_group()
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
         cluster.owns_group = True
     return cluster
