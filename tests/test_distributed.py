@@ -60,7 +60,7 @@ THREAD_NAMES = textwrap.dedent("""
 """)
 
 WORKER = THREAD_NAMES + textwrap.dedent("""
-    import json, sys, torch, torch.distributed as dist
+    import sys, torch, torch.distributed as dist
     from zotune.cli import main
     from zotune.distributed import Cluster, import_before_group
     from zotune.errors import ZOError
@@ -68,12 +68,11 @@ WORKER = THREAD_NAMES + textwrap.dedent("""
     # a group this script owns, as a user's own launcher would: the imports first, so the group is freeable
     import_before_group()
     dist.init_process_group("gloo")
-    for args in json.loads(sys.argv[1]):
-        assert main(args) == 0
+    assert main(sys.argv[2:]) == 0
 
     rank = dist.get_rank()
     # each rank reports into its own file: two ranks printing to one pipe may interleave
-    log = open(sys.argv[2] + f".{rank}", "w")
+    log = open(sys.argv[1] + f".{rank}", "w")
     say = lambda *a: print(*a, file=log, flush=True)
     c = Cluster(rank, 2, "query", check_sync_every=1)
     # 3 queries over 2 ranks: rank 0 has queries 0 and 2, rank 1 has query 1 (and pads)
@@ -113,8 +112,8 @@ def runs(tiny_llama, tmp_path_factory):
     (tmp / "worker.py").write_text(WORKER)
     cli = torchrun(str(tmp / "cli.py"), str(tmp / "exit"), *train_args(tiny_llama, tmp / "data2", "--parallel", "data"))
     assert cli.returncode == 0, cli.stderr[-3000:]
-    query = [train_args(tiny_llama, tmp / "query2", "--queries", "2", "--parallel", "query")]
-    launch = torchrun(str(tmp / "worker.py"), json.dumps(query), str(tmp / "ranks"))
+    launch = torchrun(str(tmp / "worker.py"), str(tmp / "ranks"),
+                      *train_args(tiny_llama, tmp / "query2", "--queries", "2", "--parallel", "query"))
     assert launch.returncode == 0, launch.stderr[-3000:]
     assert main(train_args(tiny_llama, tmp / "data1")) == 0
     assert main(train_args(tiny_llama, tmp / "query1", "--queries", "2")) == 0
