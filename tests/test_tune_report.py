@@ -158,9 +158,36 @@ def test_max_g_growth_leaves_steep_probes_out_of_the_pick():
     assert pick([rows[1]], max_g_growth=1.4)["lr"] == 3e-3  # every probe steep: the bound cannot pick, dev does
 
 
+def test_loss_ratio_is_the_last_ten_steps_mean_loss_over_the_first_tens():
+    from zotune.tune import loss_ratio
+
+    steps = [{"loss": 2.0}] * 10 + [{"loss": 9.0}] * 5 + [{"loss": 3.0}] * 10
+    assert loss_ratio(steps) == pytest.approx(1.5)  # 3.0 / 2.0: the loss rose
+    assert loss_ratio(steps + [{"loss": float("nan")}]) == pytest.approx(1.5)  # a non-finite loss is skipped
+    assert math.isnan(loss_ratio(steps[:19]))  # fewer than 20 losses: the windows would overlap
+
+
+def test_a_probe_whose_training_loss_rose_is_not_picked_on_a_lucky_dev_score():
+    from zotune.tune import pick
+
+    def row(lr, dev, ratio):
+        return {"lr": lr, "eps": 1e-2, "status": "ok", "dev_after": dev, "train_loss_last": 1.0,
+                "g_growth": 1.0, "loss_ratio": ratio}
+
+    # the regime study's SST-2 MeZO-LoRA r=64 bf16 probes: the best dev went to an lr whose loss went 1.07 -> 1.92
+    rows = [row(2.4e-3, 0.540, 0.89), row(8e-3, 0.495, 1.03), row(2.4e-2, 0.570, 1.79), row(7.2e-2, 0.48, 2.2)]
+    assert pick(rows)["lr"] == 2.4e-3  # the best dev among the probes whose loss fell
+    assert pick(rows, allow_rising_loss=True)["lr"] == 2.4e-2  # the rule off: the best dev, rising or not
+    assert pick(rows[1:])["lr"] == 2.4e-2  # every probe's loss rose: the rule steps aside and dev decides
+    assert pick([{**r, "loss_ratio": float("nan")} for r in rows])["lr"] == 2.4e-2  # unknown counts as not rising
+    old = [{k: v for k, v in r.items() if k != "loss_ratio"} for r in rows]  # rows of a tune.json before the rule
+    assert pick(old)["lr"] == 2.4e-2
+
+
 def test_rerunning_with_max_g_growth_repicks_from_the_finished_probes(tuned, world):
     rows = {r["lr"]: r for r in tuned["record"]["rows"] if r["status"] == "ok"}
     assert all(r["g_growth"] > 0 for r in rows.values())  # 20 steps each: a growth for every finished probe
+    assert all(math.isfinite(r["loss_ratio"]) for r in rows.values())  # ... and a loss ratio
     steep, calm = sorted(rows, key=lambda lr: rows[lr]["g_growth"], reverse=True)
     bound = (rows[steep]["g_growth"] + rows[calm]["g_growth"]) / 2
     stamps = {p: p.stat().st_mtime_ns for p in (tuned["out"] / "probes").glob("*/summary.json")}

@@ -121,7 +121,7 @@ def run_tune(args: argparse.Namespace, train_after: bool, auto: bool = False) ->
                   probe_forwards=option("probe_forwards", PROBE_FORWARDS), probe_dev=option("probe_dev", PROBE_DEV),
                   dev_fraction=option("dev_fraction", DEV_FRACTION), out=option("out", None),
                   train_after=train_after, center=cfg.lr if args.lr is not None or in_file else None,
-                  max_g_growth=option("max_g_growth", None),
+                  max_g_growth=option("max_g_growth", None), allow_rising_loss=getattr(args, "allow_rising_loss", False),
                   say=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(result.text)
     print(f"written to {result.out / 'tune.json'}; each probe's run directory is under {result.out / 'probes'}")
@@ -381,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "|slope| over their last quarter of steps grew past X times that of their first quarter (the "
                    "table's |g| growth column), a sign of a divergence the short probe does not reach; e.g. 1.4. "
                    "Default: off")
+    p.add_argument("--allow-rising-loss", action="store_true", help="let a probe whose training loss rose (mean "
+                   "of its last 10 steps above its first 10's: the table's loss ratio above 1) be picked. By "
+                   "default it is left out, unless every probe's rose: an lr whose loss climbs is not learning, "
+                   "and on a few hundred dev examples its accuracy can still win by luck")
     p.add_argument("--out", help="output folder (default: runs/tune-<data>-<method>); re-running resumes it")
     p.add_argument("--train", action="store_true", help="after picking, run the full zotune train at the "
                    "picked lr (into --output-dir, else OUT/run)")
