@@ -55,6 +55,20 @@ def test_gaussian_directions_reach_the_known_cosine_and_it_grows_with_n(tiny_lla
     assert cos == sorted(cos) and cos[-1] > 3 * cos[0]
 
 
+def test_it_runs_on_the_threads_its_settings_name(tiny_llama, data_settings):
+    # The regime study runs one process a core and computes its diagnostics in the same process; with torch's
+    # default of every core, the diagnostic's second thread fought the other process's and ran 10x slower.
+    cfg = CosineConfig(settings={**settings(tiny_llama, data_settings), "threads": 1}, configs=("mezo-lora",),
+                       ranks=(2,), ns=(1,), points=("init",), dtypes=("float32",), batch_size=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert measure(cfg, progress=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_backprop_gradient_matches_a_finite_difference_on_one_coordinate(tiny_llama, data_settings):
     tc = TrainConfig.make(**settings(tiny_llama, data_settings), method="mezo-lora", lora_r=2, batch_size=8)
     data = load_data(tc)

@@ -234,6 +234,8 @@ def measure(cfg: CosineConfig, progress: bool = True, say: Callable[[str], None]
     say = say or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None))
     first = _settings(cfg, cfg.configs[0], cfg.ranks[0] if QUERY_CONFIGS[cfg.configs[0]][1] else None, "float32")
     first.validate()
+    if first.threads:  # a study's one process a core: a second torch thread on a shared core thrashes (10x slower)
+        torch.set_num_threads(first.threads)
     data = load_data(first)
     batch = [data.train[i] for i in batch_indices(len(data.train), cfg.batch_size, cfg.seed, 0)]
     device = pick_device(first.device)
