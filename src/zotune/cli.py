@@ -27,7 +27,7 @@ examples:
   zotune train --config run.yaml --seed 1        # YAML file, overridden by flags
   zotune train --method mezo-lora --lr auto      # probe 5 lrs first (zotune tune), then train at the best
   zotune eval --task sst2 --data-dir ../shared/data --adapter runs/X/adapter
-  zotune train --train-file my.csv --dev-file my_dev.csv --text-field review --label-field stars \
+  zotune train --train-file my.csv --dev-file my_dev.csv --text-field review --label-field stars \\
                --verbalizer "1=terrible,5=great"          # your own data
   zotune train --train-file reviews.jsonl --verbalizer "-1=terrible,1=great"   # labels -1/1
 """
