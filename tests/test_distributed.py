@@ -56,7 +56,14 @@ THREAD_NAMES = textwrap.dedent("""
     import os
 
     def thread_names():
-        return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        names = []
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{t}/comm") as f:
+                    names.append(f.read().strip())
+            except FileNotFoundError:  # the thread ended between the listing and the read: not alive
+                pass
+        return sorted(names)
 """)
 
 WORKER = THREAD_NAMES + textwrap.dedent("""
@@ -95,8 +102,9 @@ CLI = THREAD_NAMES + textwrap.dedent("""
     from zotune.cli import main
 
     def threads_at_exit():
+        names = " ".join(thread_names())  # before the file is truncated, so an error cannot leave it empty
         with open(sys.argv[1] + "." + os.environ["RANK"], "w") as f:
-            f.write(" ".join(thread_names()))
+            f.write(names)
 
     atexit.register(threads_at_exit)
     sys.exit(main(sys.argv[2:]))
