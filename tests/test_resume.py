@@ -123,7 +123,9 @@ def test_a_method_its_trajectory_cannot_rebuild_resumes_from_its_last_evaluation
     killed = tmp_path / "killed"
     done = kill_mid_run(args_for(tiny_llama, killed, 10, *settings), killed, steps=10, after=6, wait_for="state.pt")
     state = torch.load(killed / "state.pt", weights_only=True)
-    assert state["step"] == 4 < done and state["params"], "the state of the evaluation at step 4"
+    # the kill lands after 6 logged steps, but a fast run may have passed step 8's evaluation by then
+    assert state["step"] in (4, 8) and state["step"] <= done and state["params"], \
+        "the state of the last evaluation before the kill"
     fresh = tmp_path / "no-state"
     shutil.copytree(killed, fresh)
     (fresh / "state.pt").unlink()
