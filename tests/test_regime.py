@@ -438,7 +438,9 @@ def test_a_dry_run_on_a_study_in_progress_says_what_a_resume_still_costs(shrunk,
     monkeypatch.undo()
     assert f"done in {out}: {whole['runs']} of {whole['runs']} runs, lrs picked for {len(p.cells)} of" in regime.describe(p)
     cell = p.cells[0]
-    cell.recorded.pop(SHRUNK["seeds"][1])  # as if that seed had not finished
+    cell.recorded.pop(SHRUNK["seeds"][1])  # as if the study had stopped before writing that seed's row ...
+    assert regime.cost(p, left=True)["runs"] == 0  # ... its folder's summary.json still says it is done
+    cell.runs_out = tmp_path / "elsewhere" / cell.runs_out.name  # and as if that seed had not finished at all
     rest = regime.cost(p, left=True)
     assert rest["runs"] == 1 and rest["probes"] == 0
     assert rest["forward_passes"]["train"] == cell.base.steps * forwards_per_step(cell.base)

@@ -260,6 +260,14 @@ class Cell:
     def run_dir(self, seed: int) -> Path:
         return self.runs_out.with_name(f"{self.runs_out.name}__s{seed}")
 
+    def finished(self, seed: int) -> bool:
+        """Whether ``seed`` trained to its end: its row is in results.json, or its folder holds summary.json.
+
+        Why both: a study stopped between a run's end and the write of results.json (it is written when
+        the whole call ends) leaves the row "pending" while the folder says done, and the next call
+        skips that run; what a resume costs must count it as done too."""
+        return seed in self.recorded or (self.run_dir(seed) / "summary.json").exists()
+
     def kept_row(self, seed: int, lr: float) -> dict | None:
         """The finished row results.json holds for ``seed`` at ``lr`` when its run directory is absent.
 
@@ -512,7 +520,7 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
     """Forward passes (16-example equivalents) and hours on this CPU, by part; lr-grid extensions not included
     (at most ``max_extend`` more probes per cell).
 
-    With ``left``, only what ``p.out`` does not hold yet: seeds without a finished row in results.json and
+    With ``left``, only what ``p.out`` does not hold yet: seeds not finished (see :meth:`Cell.finished`) and
     cells without tune.json (a run or grid in progress counts whole), so a study that spans sessions can
     say what a resume still costs."""
     s, bs = p.study, int(p.study.settings.get("batch_size", 16))
@@ -526,7 +534,7 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
         unit = seconds_bf16 * (fp32_factor if c.entry.dtype == "float32" else 1.0)
         overhead = FULL_WEIGHT_STEP if c.entry.variant.config in ("lozo", "subzero") else 1.0
         per = bench.forwards_per_step(c.base)
-        seeds = len([x for x in s.seeds if x not in c.recorded]) if left else len(s.seeds)
+        seeds = len([x for x in s.seeds if not c.finished(x)]) if left else len(s.seeds)
         grid = 0 if left and tuned(c) else len(c.entry.grid)
         runs, grids = runs + seeds, grids + grid
         train = seeds * c.base.steps * per
