@@ -17,7 +17,7 @@ from zotune.bench import step_cost_ratio
 from zotune.cli import main
 from zotune.config import TrainConfig
 from zotune.methods import METHODS
-from zotune.rundir import RunDir
+from zotune.rundir import RunDir, read_summary
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "zotune"
 
@@ -141,6 +141,9 @@ def test_the_run_directory_reads_back_what_it_wrote(tmp_path):
     reader = RunDir(run.path, writable=False)  # torchrun ranks other than 0 never write
     reader.write_summary({"x": 1})
     assert reader.summary() is None
+    assert read_summary(run.path) is None  # what train, tune, bench and the regime study ask: not finished
+    run.write_summary({"x": 1})
+    assert read_summary(run.path) == run.summary() == {"x": 1}
 
 
 def test_a_method_option_round_trips_through_config_yaml(tmp_path):

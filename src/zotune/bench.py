@@ -49,6 +49,7 @@ import yaml
 from . import atomic
 from .config import TrainConfig
 from .errors import ZOError, require
+from .rundir import read_summary
 
 FO_NOTE = "first-order counted as 3 forwards per step"
 
@@ -342,9 +343,10 @@ def run_one(run: Run, retry_failed: bool = False) -> tuple[str, dict, str]:
     from .train import train
 
     failed = run.run_dir / "failed.json"
-    if (run.run_dir / "summary.json").exists():
+    summary = read_summary(run.run_dir)
+    if summary is not None:
         _same_config(run)
-        return "skipped", json.loads((run.run_dir / "summary.json").read_text()), ""
+        return "skipped", summary, ""
     if failed.exists() and not retry_failed:
         _same_config(run)
         return "skipped", {}, json.loads(failed.read_text())["error"]
@@ -408,7 +410,7 @@ def run_bench(preset: Preset, out: Path, retry_failed: bool = False, say=print) 
     rows = []
     for i, run in enumerate(runs, 1):
         key = f"{run.entry.label}|{run.task}"
-        needs_training = not (run.run_dir / "summary.json").exists() and \
+        needs_training = read_summary(run.run_dir) is None and \
             (retry_failed or not (run.run_dir / "failed.json").exists())
         if needs_training and key not in forward_times:
             try:

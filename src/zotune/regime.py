@@ -65,6 +65,7 @@ from . import atomic, bench
 from .config import DTYPE_ALIASES, TrainConfig
 from .diagnostics.grad_cosine import QUERY_CONFIGS
 from .errors import ZOError, require
+from .rundir import read_summary
 from .tune import PROBE_DEV, abs_slopes, g_growth
 
 # ------------------------------------------------------------------------------------------ the protocol
@@ -266,7 +267,7 @@ class Cell:
         Why both: a study stopped between a run's end and the write of results.json (it is written when
         the whole call ends) leaves the row "pending" while the folder says done, and the next call
         skips that run; what a resume costs must count it as done too."""
-        return seed in self.recorded or (self.run_dir(seed) / "summary.json").exists()
+        return seed in self.recorded or read_summary(self.run_dir(seed)) is not None
 
     def kept_row(self, seed: int, lr: float) -> dict | None:
         """The finished row results.json holds for ``seed`` at ``lr`` when its run directory is absent.
@@ -598,8 +599,7 @@ def measured_pace(p: Plan, latest: int = PACE_LATEST) -> dict[str, float]:
             metrics = d / "metrics.jsonl"
             step = bench.step_seconds(metrics, c.base.eval_every) if metrics.exists() else None
             if step:
-                summary = d / "summary.json"
-                mine = summary.exists() and json.loads(summary.read_text()).get("machine") == here
+                mine = (read_summary(d) or {}).get("machine") == here
                 found.setdefault(c.entry.dtype, []).append((mine, metrics.stat().st_mtime, step / per))
     pace = {}
     for dtype, v in found.items():
@@ -702,8 +702,7 @@ def cell_rows(cell: Cell, seeds, chosen: dict | None, grid: list[float], tune_js
         cfg = run_config(cell, seed, lr if chosen else cell.base.lr)
         run = bench.Run(bench.Entry(cell.entry.label, cell.entry.settings, lr, chosen is not None,
                                     str(tune_json or "")), cell.task, seed, cfg, Path(cfg.output_dir))
-        summary_path = run.run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        summary = read_summary(run.run_dir) or {}
         failed = run.run_dir / "failed.json"
         error = errors.get(seed) or (json.loads(failed.read_text()).get("error", "") if failed.exists() else "")
         if not chosen:

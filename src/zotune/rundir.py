@@ -66,6 +66,17 @@ def read_trajectory(path: Path) -> list[dict]:
     return rows
 
 
+def read_summary(path: str | Path) -> dict | None:
+    """The summary of the run in folder ``path``, or None while it has not finished.
+
+    summary.json is written last and atomically, so its presence is the one test
+    of "this run finished" that every resuming caller (train, tune, bench, the
+    regime study) shares.
+    """
+    summary = Path(path) / SUMMARY
+    return json.loads(summary.read_text()) if summary.exists() else None
+
+
 def safetensors_bytes(path: Path) -> int:
     """Bytes of the tensors saved in ``path`` (an adapter folder): what the trajectory stands for."""
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
@@ -263,8 +274,7 @@ class RunDir:
         self._write_text(SUMMARY, json.dumps(summary, indent=2))
 
     def summary(self) -> dict | None:
-        path = self.path / SUMMARY
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_summary(self.path)
 
     def _write_text(self, name: str, text: str) -> None:
         if not self.writable:

@@ -192,12 +192,12 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None,
     after step N ..."): a long run is silent until it ends, and a full-weight replay takes minutes.
     """
     from .methods import get_method
-    from .rundir import read_trajectory
+    from .rundir import read_summary, read_trajectory
     from .train import train
 
     path = Path(cfg.output_dir)
     failed = path / "failed.json"
-    if (path / "summary.json").exists():
+    if read_summary(path) is not None:
         same_config(path, cfg)
         return "done before", ""
     if failed.exists():
