@@ -70,8 +70,8 @@ def read_summary(path: str | Path) -> dict | None:
     """The summary of the run in folder ``path``, or None while it has not finished.
 
     summary.json is written last and atomically, so its presence is the one test
-    of "this run finished" that every resuming caller (train, tune, bench, the
-    regime study) shares.
+    of "this run finished" that the callers which skip finished runs (tune,
+    bench, the regime study) share.
     """
     summary = Path(path) / SUMMARY
     return json.loads(summary.read_text()) if summary.exists() else None
