@@ -141,7 +141,7 @@ def test_the_run_directory_reads_back_what_it_wrote(tmp_path):
     reader = RunDir(run.path, writable=False)  # torchrun ranks other than 0 never write
     reader.write_summary({"x": 1})
     assert reader.summary() is None
-    assert read_summary(run.path) is None  # what train, tune, bench and the regime study ask: not finished
+    assert read_summary(run.path) is None  # what tune, bench and the regime study ask: not finished
     run.write_summary({"x": 1})
     assert read_summary(run.path) == run.summary() == {"x": 1}
 

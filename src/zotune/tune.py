@@ -61,6 +61,7 @@ from .bench import same_config as check_same_config, steps_for_budget
 from .config import TrainConfig
 from .errors import ZOError, require
 from .report import plot_run, read_run
+from .rundir import read_summary, read_trajectory
 from .tasks import Example, TaskData
 
 FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)  # the default grid: x1/10 .. x10 around the centre, log-spaced
@@ -192,7 +193,6 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None,
     after step N ..."): a long run is silent until it ends, and a full-weight replay takes minutes.
     """
     from .methods import get_method
-    from .rundir import read_summary, read_trajectory
     from .train import train
 
     path = Path(cfg.output_dir)
@@ -439,5 +439,5 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
         raise ZOError(f"the full run at the picked lr {chosen['lr']:g} failed: {error}")
     record["train_run"] = final.output_dir
     atomic.write_text(out / "tune.json", json.dumps(record, indent=2))
-    result.summary = Summary(**json.loads((Path(final.output_dir) / "summary.json").read_text()))
+    result.summary = Summary(**read_summary(final.output_dir))
     return result
