@@ -136,6 +136,23 @@ def test_rerunning_skips_finished_probes_and_resumes_a_killed_one(tuned, world):
     assert code == 2 and "batch_size=8, this tune wants 4" in stderr
 
 
+def test_a_killed_run_that_saved_no_state_is_told_to_start_over(world, tmp_path):
+    """agzo's trajectory cannot rebuild its tensors, so a killed agzo run resumes from the state.pt of its
+    last dev evaluation; one killed before any has none and trains again from step 0. The caller is told
+    which, not promised a resume that cannot happen."""
+    from zotune.rundir import RunDir
+    from zotune.tune import run_or_reuse
+
+    out = tmp_path / "agzo"
+    assert main(["train", *flags(world, world["dev"]), "--method", "agzo", "--steps", "3", "--lr", "1e-3",
+                 "--output-dir", str(out)]) == 0
+    (out / "summary.json").unlink()  # as if killed after its last step, before any dev evaluation
+    told = []
+    assert run_or_reuse(RunDir.open(out).config(), starting=told.append) == ("resumed", "")
+    assert told == ["3 of 3 steps were logged but no state was saved: training again from step 0"]
+    assert (out / "summary.json").exists() and not (out / "state.pt").exists()
+
+
 def test_g_growth_is_the_last_quarters_mean_slope_over_the_firsts():
     from zotune.tune import g_growth
 

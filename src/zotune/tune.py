@@ -61,7 +61,7 @@ from .bench import same_config as check_same_config, steps_for_budget
 from .config import TrainConfig
 from .errors import ZOError, require
 from .report import plot_run, read_run
-from .rundir import read_summary, read_trajectory
+from .rundir import STATE, read_summary, read_trajectory
 from .tasks import Example, TaskData
 
 FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)  # the default grid: x1/10 .. x10 around the centre, log-spaced
@@ -218,8 +218,10 @@ def run_or_reuse(cfg: TrainConfig, data: TaskData | None = None,
             starting(f"training {cfg.steps} steps")
         elif get_method(cfg.method).replayable:
             starting(f"resuming after step {n} of {cfg.steps}; its {n} logged steps are replayed first")
-        else:
+        elif (path / STATE).exists():
             starting(f"resuming after step {n} of {cfg.steps} from its state at the last dev evaluation")
+        else:  # it saves its state at each dev evaluation, and none has come yet
+            starting(f"{n} of {cfg.steps} steps were logged but no state was saved: training again from step 0")
     try:
         train(TrainConfig.from_dict(cfg.to_dict(), source="zotune tune"), resume=resume, data=data)
     except ZOError as exc:  # a diverged run is a result: recorded, and never picked
