@@ -146,7 +146,7 @@ def test_a_killed_run_that_saved_no_state_is_told_to_start_over(world, tmp_path)
     out = tmp_path / "agzo"
     assert main(["train", *flags(world, world["dev"]), "--method", "agzo", "--steps", "3", "--lr", "1e-3",
                  "--output-dir", str(out)]) == 0
-    (out / "summary.json").unlink()  # as if killed after its last step, before any dev evaluation
+    (out / "summary.json").unlink()  # a finished run keeps no state.pt: now it reads as killed before saving one
     told = []
     assert run_or_reuse(RunDir.open(out).config(), starting=told.append) == ("resumed", "")
     assert told == ["3 of 3 steps were logged but no state was saved: training again from step 0"]
