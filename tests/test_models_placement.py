@@ -36,6 +36,7 @@ from zotune.models import (
     parse_max_memory,
     placement_for,
     placement_refuses_full_weight,
+    prepare_gguf,
     resolve_source,
 )
 
@@ -279,6 +280,24 @@ def test_gguf_file_loads_converted_once(tmp_path, tiny_llama, monkeypatch):
     assert torch.equal(logits(again), logits(model))
     os.utime(gguf_file, ns=(1, 1))  # an edited file is another cache entry
     assert gguf_cache_dir(gguf_file) != target
+
+
+def test_a_second_conversion_finishing_late_keeps_the_first_folder(tmp_path, tiny_llama, monkeypatch):
+    """Two runs started at once both convert; the later one must not delete the folder
+    the earlier one is already loading from."""
+    import zotune.models as zm
+
+    monkeypatch.setenv("ZOTUNE_HOME", str(tmp_path / "home"))
+    gguf_file = write_tiny_gguf(tiny_llama, tmp_path / "tiny-llama.gguf")
+    first = prepare_gguf(gguf_file, quiet=True)
+    marker = first / "in-use-by-the-first-run"
+    marker.write_text("")
+    again = zm._convert_gguf(gguf_file.parent, gguf_file.name, first, "tiny-llama", quiet=True)
+    assert again == first and marker.exists()
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary folder left
+    model, _, _ = load_model(str(gguf_file))
+    reference, _, _ = load_model(str(tiny_llama))
+    assert torch.allclose(logits(model), logits(reference), atol=1e-6)
 
 
 def test_gguf_unreadable_quantization_and_architecture_are_one_line(tmp_path, tiny_llama, monkeypatch):

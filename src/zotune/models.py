@@ -152,7 +152,8 @@ def _convert_gguf(src_dir: Path, filename: str, target: Path, label: str, quiet:
     """Dequantize ``src_dir/filename`` with transformers and save it as a safetensors folder at ``target``.
 
     The conversion writes into a temporary folder and renames it into place, so an
-    interrupted conversion never leaves a half-written model that later loads.
+    interrupted conversion never leaves a half-written model that later loads, and
+    a finished folder is never replaced: another run may be reading it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,9 +178,17 @@ def _convert_gguf(src_dir: Path, filename: str, target: Path, label: str, quiet:
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if (target / "config.json").exists():
+            # Another process (two runs started at once) finished the same conversion
+            # first and may be loading from it now: keep its folder, drop ours.
+            return target
         if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+            shutil.rmtree(target)  # a leftover without a config never loads
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
