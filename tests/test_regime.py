@@ -211,6 +211,17 @@ def test_g_summary_sets_bf16_slopes_beside_fp32_slopes_of_the_same_method_and_ra
     assert regime.contrast_g_lines({("t", "sgd", "z-bf16"): groups[("t", "sgd", "z-bf16")]}) == []
 
 
+def test_g_summary_reads_finished_seeds_only_since_an_unfinished_runs_last_tenth_is_not_its_end():
+    def row(entry, status, late):
+        return {"task": "t", "arm": "adam", "entry": entry, "config": "lora", "rank": 8, "dtype": "float32",
+                "status": status, "g_abs_early": 1.0, "g_abs_late": late, "g_abs_median": 1.0}
+
+    rows = [row("done", "ok", 2.0), row("done", "pending", 9.0),  # one seed finished, one stopped midway
+            row("stopped", "pending", 5.0), row("broke", "failed", 7.0)]
+    table = [ln for ln in regime.g_table(None, rows, {}).splitlines() if ln.startswith("| t |")]
+    assert table == ["| t | adam | done | 1 | 2 | 1 | - | - |"]
+
+
 # --------------------------------------------------------------------------------------- a shrunk study
 
 SHRUNK = dict(tasks=("synthetic",), seeds=(0, 1), arms=("sgd",), claims=("ar1", "zoact"), ranks=(2, 4),

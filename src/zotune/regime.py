@@ -1329,14 +1329,17 @@ def g_table(p: Plan, rows: list[dict], diag: dict[str, list[dict]]) -> str:
              "10% and all steps of each run, then averaged over seeds. Noise floor = rms over 64 directions of "
              "g(bf16 base) − g(fp32) at the init point on the run's first batch (diagnostics/<task>/"
              "grad_cosine.json); '-' where the run's base is fp32 or no diagnostic was run. |g| below the floor "
-             "means the slope the run follows is mostly rounding.", "",
+             "means the slope the run follows is mostly rounding. Finished seeds only: an unfinished run's last "
+             "10% is not its end, so entries with no finished seed are left out.", "",
              "| task | arm | entry | |g| early | |g| late | |g| all | bf16 floor (init) | late / floor |",
              "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["arm"], r["entry"]), []).append(r)
     for (task, arm, entry), rs in groups.items():
-        ok = [r for r in rs if r["status"] == "ok"] or rs
+        ok = [r for r in rs if r["status"] == "ok"]
+        if not ok:
+            continue
         mean = lambda k: statistics.mean([r[k] for r in ok if r[k] == r[k]] or [float("nan")])  # noqa: E731
         floor = float("nan")
         r0 = rs[0]
