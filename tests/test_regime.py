@@ -334,6 +334,23 @@ def test_a_rerun_skips_finished_work_and_resumes_a_killed_run(shrunk):
     assert after == before  # the resumed run ends exactly where the first one did
 
 
+def test_a_process_given_other_seeds_reads_the_picks_the_first_process_probed(shrunk):
+    """--seeds 1 beside a --seeds 0,1 run on one --out: the lr probes ran at the probe seed, not at each
+    process's first seed, so the second process reuses them (and the diagnostics) and trains nothing new;
+    results.json keeps the seed it did not select."""
+    out = shrunk[0]
+    seed0 = [r for r in json.loads((out / "results.json").read_text())["runs"] if r["seed"] == 0]
+    probes = {p: p.stat().st_mtime_ns for p in out.glob("tune/*/probes/*/summary.json")}
+    log: list[str] = []
+    regime.run_study(regime.Study(**{**SHRUNK, "seeds": (1,)}), out, say=log.append)
+    assert probes and all(p.stat().st_mtime_ns == t for p, t in probes.items())
+    assert not any(": training " in line or ": trained" in line for line in log), log
+    rows = json.loads((out / "results.json").read_text())["runs"]
+    assert [r for r in rows if r["seed"] == 0] == seed0 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 2 * len(seed0)
+    regime.report(regime.Study(**SHRUNK), out)  # the whole study's tables again, for the tests after this one
+
+
 def test_report_only_rewrites_the_whole_selections_outputs_from_disk_and_trains_nothing(shrunk):
     out, _, _ = shrunk
     before = {name: (out / name).read_text() for name in ("tables.md", "verdicts.md", "g_summary.md")}

@@ -165,6 +165,9 @@ class Study:
 
     tasks: tuple[str, ...] = TASKS
     seeds: tuple[int, ...] = SEEDS
+    # the lr probes and the diagnostics run at this seed whichever seeds train, so that processes sharing
+    # the seeds of one --out (--seeds 0,1 here, --seeds 2 there) read one pick instead of each probing its own
+    probe_seed: int = SEEDS[0]
     arms: tuple[str, ...] = ARMS
     claims: tuple[str, ...] = tuple(CLAIMS)
     ranks: tuple[int, ...] = RANKS
@@ -293,11 +296,12 @@ class Plan:
     here: list[str] = field(default_factory=list)  # about this machine only: printed, never written
 
     def other_rows(self) -> list[dict]:
-        """The rows of results.json for cells outside this plan, read when results.json is written, not
-        when the plan was made: two narrower runs sharing one --out (a method per core) then keep each
-        other's finished rows instead of the ones that were there when each of them started."""
-        planned = {(c.entry.label, c.task) for c in self.cells}
-        return [r for r in read_ledger(self.out) if (r.get("entry"), r.get("task")) not in planned]
+        """The rows of results.json outside this plan (other cells, or other seeds of its cells), read when
+        results.json is written, not when the plan was made: two narrower runs sharing one --out (a method
+        or a seed per core) then keep each other's finished rows instead of the ones that were there when
+        each of them started."""
+        planned = {(c.entry.label, c.task, seed) for c in self.cells for seed in self.study.seeds}
+        return [r for r in read_ledger(self.out) if (r.get("entry"), r.get("task"), r.get("seed")) not in planned]
 
 
 def read_ledger(out: Path) -> list[dict]:
@@ -464,7 +468,7 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
             entry = selected.get(entry.label, entry)
             label = bench.task_label(task)
             settings = {**common, **data, **entry.settings, "lr": entry.grid[len(entry.grid) // 2],
-                        "seed": study.seeds[0], "progress": False}
+                        "seed": study.probe_seed, "progress": False}
             cfg = TrainConfig.from_dict(settings, source=f"regime entry {entry.label!r}")
             try:
                 cfg.validate()
@@ -803,7 +807,7 @@ def diagnostics(p: Plan, task: str, say) -> list[dict]:
             "label_field", "max_length", "micro_batch_size", "train_size", "device", "threads", "calib_examples")
     settings = {k: v for k, v in cell.base.to_dict().items() if k in keep}
     params = {"configs": configs, "ranks": ranks, "ns": p.study.diag_ns, "points": p.study.diag_points,
-              "dtypes": dtypes, "batch_size": int(p.study.settings.get("batch_size", 16)), "seed": p.study.seeds[0]}
+              "dtypes": dtypes, "batch_size": int(p.study.settings.get("batch_size", 16)), "seed": p.study.probe_seed}
     path = folder / "grad_cosine.json"
     if path.exists():
         saved = json.loads(path.read_text())
