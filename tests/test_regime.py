@@ -341,9 +341,11 @@ def test_a_process_given_other_seeds_reads_the_picks_the_first_process_probed(sh
     out = shrunk[0]
     seed0 = [r for r in json.loads((out / "results.json").read_text())["runs"] if r["seed"] == 0]
     probes = {p: p.stat().st_mtime_ns for p in out.glob("tune/*/probes/*/summary.json")}
+    diag = (out / "diagnostics/synthetic/grad_cosine.json").stat().st_mtime_ns
     log: list[str] = []
     regime.run_study(regime.Study(**{**SHRUNK, "seeds": (1,)}), out, say=log.append)
     assert probes and all(p.stat().st_mtime_ns == t for p, t in probes.items())
+    assert (out / "diagnostics/synthetic/grad_cosine.json").stat().st_mtime_ns == diag
     assert not any(": training " in line or ": trained" in line for line in log), log
     rows = json.loads((out / "results.json").read_text())["runs"]
     assert [r for r in rows if r["seed"] == 0] == seed0 and all(r["status"] == "ok" for r in rows)
