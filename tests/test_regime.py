@@ -63,6 +63,9 @@ def test_the_preset_plans_the_issues_protocol(native_bf16, tmp_path):
         row = zero[regime.ZERO_SHOT_NAME.get(task, task)]
         assert row["value"] > row["majority"], task
     assert len(study.seeds) == ISSUE_SEEDS
+    # a re-split task's dev part (CR's 300) is what its runs evaluate, and what the header and the cost count
+    assert study.dev_for("cr") == 300 and study.dev_for("sst2") == study.settings["dev_size"] == 500
+    assert "dev 500 (cr 300)," in regime.header(p)
     for c in p.cells:
         cfg = c.base
         per = forwards_per_step(cfg)

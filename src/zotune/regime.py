@@ -189,6 +189,12 @@ class Study:
     def budget_for(self, task: str) -> int:
         return self.budget or BUDGETS.get(task, DEFAULT_BUDGET)
 
+    def dev_for(self, task: str) -> int:
+        """Dev examples a run of ``task`` evaluates: ``dev_size``, or fewer where a re-split's dev part is smaller."""
+        dev = int(self.settings.get("dev_size", 500))
+        parts = dict(RESPLITS[task][2]) if task in RESPLITS else {}
+        return min(dev, parts.get("dev", dev)) if dev else parts.get("dev", dev)
+
 
 # -------------------------------------------------------------------------------------------- the data
 
@@ -529,7 +535,7 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
     cells without tune.json (a run or grid in progress counts whole), so a study that spans sessions can
     say what a resume still costs."""
     s, bs = p.study, int(p.study.settings.get("batch_size", 16))
-    dev, test = int(s.settings.get("dev_size", 500)), int(s.settings.get("test_size", 500))
+    test = int(s.settings.get("test_size", 500))
     parts = {"train": 0.0, "probes": 0.0, "evaluation": 0.0}
     seconds = 0.0
     runs = grids = 0
@@ -544,7 +550,7 @@ def cost(p: Plan, seconds_bf16: float = SECONDS_BF16, fp32_factor: float = FP32_
         runs, grids = runs + seeds, grids + grid
         train = seeds * c.base.steps * per
         probes = grid * (c.probe_forwards // per) * per
-        evals = seeds * ((s.evals + 2) * dev + test) / bs + grid * 2 * s.probe_dev / bs
+        evals = seeds * ((s.evals + 2) * s.dev_for(c.task) + test) / bs + grid * 2 * s.probe_dev / bs
         parts["train"] += train
         parts["probes"] += probes
         parts["evaluation"] += evals
@@ -1191,8 +1197,10 @@ def _ci(iv: dict) -> str:
 def header(p: Plan) -> str:
     s = p.study
     budgets = ", ".join(f"{bench.task_label(t)} {s.budget_for(t)}" for t in s.tasks)
+    dev = str(s.settings.get("dev_size")) + "".join(f" ({bench.task_label(t)} {s.dev_for(t)})" for t in s.tasks
+                                                   if s.dev_for(t) != s.settings.get("dev_size"))
     return (f"zotune bench `regime`: model {s.settings.get('model')}, batch {s.settings.get('batch_size')}, train "
-            f"{s.settings.get('train_size')}, dev {s.settings.get('dev_size')}, test {s.settings.get('test_size')} "
+            f"{s.settings.get('train_size')}, dev {dev}, test {s.settings.get('test_size')} "
             f"(held out), seeds {','.join(map(str, s.seeds))}; forward passes per run: {budgets}; lr per entry and "
             f"task picked by zotune tune on a dev split carved from the training split "
             f"({s.probe_fraction:g} of the budget per probe)")
