@@ -192,8 +192,10 @@ class Study:
     def dev_for(self, task: str) -> int:
         """Dev examples a run of ``task`` evaluates: ``dev_size``, or fewer where a re-split's dev part is smaller."""
         dev = int(self.settings.get("dev_size", 500))
-        parts = dict(RESPLITS[task][2]) if task in RESPLITS else {}
-        return min(dev, parts.get("dev", dev)) if dev else parts.get("dev", dev)
+        part = dict(RESPLITS[task][2]).get("dev") if task in RESPLITS else None
+        if part is None:
+            return dev
+        return min(dev, part) if dev else part  # dev_size 0 means all: the re-split's whole dev part
 
 
 # -------------------------------------------------------------------------------------------- the data
@@ -1197,8 +1199,8 @@ def _ci(iv: dict) -> str:
 def header(p: Plan) -> str:
     s = p.study
     budgets = ", ".join(f"{bench.task_label(t)} {s.budget_for(t)}" for t in s.tasks)
-    dev = str(s.settings.get("dev_size")) + "".join(f" ({bench.task_label(t)} {s.dev_for(t)})" for t in s.tasks
-                                                   if s.dev_for(t) != s.settings.get("dev_size"))
+    usual = int(s.settings.get("dev_size", 500))
+    dev = f"{usual}" + "".join(f" ({bench.task_label(t)} {n})" for t in s.tasks if (n := s.dev_for(t)) != usual)
     return (f"zotune bench `regime`: model {s.settings.get('model')}, batch {s.settings.get('batch_size')}, train "
             f"{s.settings.get('train_size')}, dev {dev}, test {s.settings.get('test_size')} "
             f"(held out), seeds {','.join(map(str, s.seeds))}; forward passes per run: {budgets}; lr per entry and "
