@@ -15,6 +15,7 @@ import pytest
 from conftest import SHARED_DATA
 from zotune.errors import ZOError
 from zotune.tasks import TASKS, Example, lmbff_task, load_task, load_task_file, load_user_files
+from zotune.tasks.base import TaskData, sample_size
 
 needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 
@@ -143,6 +144,12 @@ def test_dev_is_a_fixed_hold_out_of_the_training_file(name, train_lines):
     assert len(a.train) + len(a.dev) == train_lines
     assert (a.train, a.dev) == (b.train, b.dev)  # the same split every time
     assert a.dev != a.train[: len(a.dev)]  # seeded positions, not the file's head
+
+
+def test_a_split_is_sized_by_one_rule_none_or_zero_means_all_and_never_more_than_exist():
+    assert [sample_size(n, 5) for n in (None, 0, 3, 5, 9)] == [5, 5, 3, 5, 5]
+    data = TaskData("t", [Example(f"x{i}", ("a", "b"), 0) for i in range(5)], [], [])
+    assert [len(data.subsample(0, n, None, None).train) for n in (None, 0, 3, 9)] == [5, 5, 3, 5]
 
 
 @needs_data

@@ -66,6 +66,7 @@ from .config import DTYPE_ALIASES, TrainConfig
 from .diagnostics.grad_cosine import QUERY_CONFIGS
 from .errors import ZOError, require
 from .rundir import read_summary
+from .tasks.base import sample_size
 from .tune import PROBE_DEV, abs_slopes, g_growth
 
 # ------------------------------------------------------------------------------------------ the protocol
@@ -195,7 +196,7 @@ class Study:
         part = dict(RESPLITS[task][2]).get("dev") if task in RESPLITS else None
         if part is None:
             return dev
-        return min(dev, part) if dev else part  # dev_size 0 means all: the re-split's whole dev part
+        return sample_size(dev, part)  # dev_size 0 means all: the re-split's whole dev part
 
 
 # -------------------------------------------------------------------------------------------- the data

@@ -52,12 +52,21 @@ class TaskData:
     def subsample(self, seed: int, train: int | None, dev: int | None, test: int | None) -> "TaskData":
         """MeZO's protocol: a seeded sample of each split (None or 0 keeps it whole)."""
         def take(xs: list[Example], n: int | None, salt: int) -> list[Example]:
-            if not n or n >= len(xs):
+            k = sample_size(n, len(xs))
+            if k == len(xs):
                 return list(xs)
-            return random.Random(seed * 1000 + salt).sample(xs, n)
+            return random.Random(seed * 1000 + salt).sample(xs, k)
 
         return TaskData(self.name, take(self.train, train, 1), take(self.dev, dev, 2),
                         take(self.test, test, 3), dict(self.sources))
+
+
+def sample_size(n: int | None, available: int) -> int:
+    """How many of ``available`` examples a request for ``n`` gets: None or 0 means all, and never more than exist.
+
+    One rule for every place that sizes a split, so a run and the plan that predicts it cannot disagree.
+    """
+    return available if not n or n >= available else n
 
 
 def hold_out(items: list, n: int, seed: int = 0) -> tuple[list, list]:
