@@ -201,6 +201,22 @@ def test_a_probe_whose_training_loss_rose_is_not_picked_on_a_lucky_dev_score():
     assert pick(old)["lr"] == 2.4e-2
 
 
+def test_a_dev_score_one_example_from_the_best_is_a_tie_that_the_lower_loss_breaks():
+    from zotune.tune import eligible, pick
+
+    def row(lr, dev, loss):
+        return {"lr": lr, "eps": 1e-3, "status": "ok", "dev_after": dev, "train_loss_last": loss,
+                "g_growth": 1.0, "loss_ratio": 0.9}
+
+    # the regime study's CR SubZero probes (200 dev examples): the grid's top lr was one answer short
+    rows = [row(1e-6, 0.565, 1.215), row(3.3e-6, 0.570, 1.209), row(1e-5, 0.570, 1.193), row(3e-5, 0.570, 1.145),
+            row(1e-4, 0.565, 0.989)]
+    assert pick(rows)["lr"] == 3e-5  # exact ties: the lowest loss among the three 0.570s
+    assert pick(rows, tie=1 / 200)["lr"] == 1e-4  # one example's worth: the loss that moved decides
+    assert pick(rows + [row(3e-4, 0.600, 1.3)], tie=1 / 200)["lr"] == 3e-4  # a clear dev lead still wins
+    assert len(eligible(rows)) == 5 and pick([], tie=1 / 200) is None
+
+
 def test_rerunning_with_max_g_growth_repicks_from_the_finished_probes(tuned, world):
     rows = {r["lr"]: r for r in tuned["record"]["rows"] if r["status"] == "ok"}
     assert all(r["g_growth"] > 0 for r in rows.values())  # 20 steps each: a growth for every finished probe

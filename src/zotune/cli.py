@@ -109,7 +109,7 @@ def run_tune(args: argparse.Namespace, train_after: bool, auto: bool = False) ->
     apply) and centres the grid on the method's suggested lr even where a --config file sets an lr."""
     import yaml
 
-    from .tune import DEV_FRACTION, PROBE_DEV, PROBE_FORWARDS, parse_floats, tune
+    from .tune import DEV_FRACTION, DEV_TIE, PROBE_DEV, PROBE_FORWARDS, parse_floats, tune
 
     cfg = config_from_args(args)
     in_file = not auto and bool(args.config) and "lr" in {str(k).replace("-", "_") for k in
@@ -122,6 +122,7 @@ def run_tune(args: argparse.Namespace, train_after: bool, auto: bool = False) ->
                   dev_fraction=option("dev_fraction", DEV_FRACTION), out=option("out", None),
                   train_after=train_after, center=cfg.lr if args.lr is not None or in_file else None,
                   max_g_growth=option("max_g_growth", None), allow_rising_loss=getattr(args, "allow_rising_loss", False),
+                  dev_tie=option("dev_tie", DEV_TIE),
                   say=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(result.text)
     print(f"written to {result.out / 'tune.json'}; each probe's run directory is under {result.out / 'probes'}")
@@ -385,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "of its last 10 steps above its first 10's: the table's loss ratio above 1) be picked. By "
                    "default it is left out, unless every probe's rose: an lr whose loss climbs is not learning, "
                    "and on a few hundred dev examples its accuracy can still win by luck")
+    p.add_argument("--dev-tie", type=int, metavar="K", help="dev metrics within K examples' worth (K/N of the N "
+                   "dev examples) of the best count as a tie, which the lower training loss breaks (default: 1; 0 = "
+                   "exact ties only). Why: a short probe's dev accuracy often sits at its floor, where one lucky "
+                   "answer separates lrs whose training loss has already parted them")
     p.add_argument("--out", help="output folder (default: runs/tune-<data>-<method>); re-running resumes it")
     p.add_argument("--train", action="store_true", help="after picking, run the full zotune train at the "
                    "picked lr (into --output-dir, else OUT/run)")
