@@ -8,8 +8,9 @@ examples (at most ``--dev-fraction`` of the training split) is held out of the
 *training* split, and the probes train on the rest. The pick is the best final
 dev metric on that carved split, ties broken by the lower mean training loss of
 the last 10 steps, where a dev metric within one example of the best (1/N of the
-N dev examples; ``--dev-tie``) counts as a tie; a probe that diverges (any :class:`ZOError` during its run:
-a non-finite loss, the loss-explosion guard) counts as failed and is never picked.
+N dev examples; ``--dev-tie``) counts as a tie; a probe that diverges (any
+:class:`ZOError` during its run: a non-finite loss, the loss-explosion guard)
+counts as failed and is never picked.
 
 A probe whose training loss *rose* (the mean of its last 10 steps above that of
 its first 10: the table's loss ratio above 1) is left out of the pick too, unless
