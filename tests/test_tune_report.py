@@ -217,6 +217,30 @@ def test_a_dev_score_one_example_from_the_best_is_a_tie_that_the_lower_loss_brea
     assert len(eligible(rows)) == 5 and pick([], tie=1 / 200) is None
 
 
+def test_a_pick_made_by_the_one_example_tie_is_explained_and_recorded(world, tmp_path, monkeypatch):
+    import zotune.tune as tune_module
+
+    scores = {STILL: (0.5, 1.20), LEARNS: (0.5 - 1 / 32, 0.90), DIVERGES: (0.5, 1.10)}  # (dev of 32, loss)
+
+    def row(probe, what, error):
+        dev, loss = scores[probe.lr]
+        return {"lr": probe.lr, "eps": probe.eps, "status": "ok", "dev_before": 0.5, "dev_after": dev,
+                "train_loss_last": loss, "g_growth": 1.0, "loss_ratio": 0.9, "metric": "accuracy", "steps": 20,
+                "forward_passes": 40, "run_dir": str(probe.path), "error": "", "this_call": False}
+
+    monkeypatch.setattr(tune_module, "run_or_reuse", lambda cfg, data=None: ("done before", ""))
+    monkeypatch.setattr(tune_module, "probe_row", row)
+    out = tmp_path / "tie"
+    code, stdout, stderr = run(*tune_argv(world, out))
+    assert code == 0, stderr
+    assert json.loads((out / "tune.json").read_text())["pick"]["lr"] == LEARNS  # one answer short, loss far lower
+    assert "within 1 example of the best (0.500), a tie" in stdout
+    code, stdout, _ = run(*tune_argv(world, out), "--dev-tie", "0")
+    record = json.loads((out / "tune.json").read_text())
+    assert record["pick"]["lr"] == DIVERGES and record["dev_tie"] == 0 and "a tie" not in stdout  # exact ties
+    assert run(*tune_argv(world, out), "--dev-tie", "-1")[0] != 0
+
+
 def test_rerunning_with_max_g_growth_repicks_from_the_finished_probes(tuned, world):
     rows = {r["lr"]: r for r in tuned["record"]["rows"] if r["status"] == "ok"}
     assert all(r["g_growth"] > 0 for r in rows.values())  # 20 steps each: a growth for every finished probe
