@@ -49,6 +49,14 @@ def probe_rows(cell: regime.Cell) -> list[dict]:
     return [{**r, "g_growth": regime.probe_g_growth(cell, r)} for r in rows]
 
 
+def study_tie(cell: regime.Cell) -> float:
+    """The dev tie the study's pick of this cell was made with (``zotune tune --dev-tie`` over the probes' dev
+    size), so that re-picking from the same rows reproduces it; a tune.json from before the tie picked on exact
+    ties (0)."""
+    record = json.loads((cell.tune_out / "tune.json").read_text())
+    return record.get("dev_tie", 0) / max(1, record["probe_dev"])
+
+
 def parse_change(change: str) -> dict:
     """``calm-pick`` -> {}; ``SETTING=VALUE`` -> {setting: value}, typed and checked as TrainConfig reads it."""
     if change == CALM:
@@ -73,9 +81,9 @@ def outcome(run_dir: Path) -> dict | None:
 def rerun(cell: regime.Cell, study_out: Path, out: Path, seeds: list[int], change: str, bound: float,
           train: bool) -> dict:
     """The cell's seeds with ``change`` (trained unless ``train`` is False), beside the study's runs."""
-    rows = probe_rows(cell)
-    picked = pick(rows)
-    chosen = pick(rows, max_g_growth=bound) if change == CALM else picked
+    rows, tie = probe_rows(cell), study_tie(cell)
+    picked = pick(rows, tie=tie)
+    chosen = pick(rows, max_g_growth=bound, tie=tie) if change == CALM else picked
     setting = parse_change(change)
     ledger = {r["seed"]: r for r in regime.read_ledger(study_out)
               if r.get("entry") == cell.entry.label and r.get("task") == cell.task and r.get("status") == "ok"}
