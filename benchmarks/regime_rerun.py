@@ -31,7 +31,7 @@ from pathlib import Path
 
 from zotune import atomic, regime
 from zotune.config import TrainConfig
-from zotune.tune import pick, run_or_reuse
+from zotune.tune import pick, run_or_reuse, tie_width
 
 BOUND = 1.4
 CALM = "calm-pick"
@@ -54,7 +54,7 @@ def study_tie(cell: regime.Cell) -> float:
     size), so that re-picking from the same rows reproduces it; a tune.json from before the tie picked on exact
     ties (0)."""
     record = json.loads((cell.tune_out / "tune.json").read_text())
-    return record.get("dev_tie", 0) / max(1, record["probe_dev"])
+    return tie_width(record.get("dev_tie", 0), record["probe_dev"])
 
 
 def parse_change(change: str) -> dict:

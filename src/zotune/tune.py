@@ -317,6 +317,14 @@ def pick(rows: list[dict], max_g_growth: float | None = None, allow_rising_loss:
     return min(tied, key=lambda r: (r["train_loss_last"], r["lr"], r["eps"]))
 
 
+def tie_width(dev_tie: int, n_dev: int) -> float:
+    """The ``tie`` for :func:`pick`: ``dev_tie`` examples' worth of a dev metric over ``n_dev`` examples.
+
+    One place for the rule, so that a re-pick from a finished tune.json (``dev_tie``, ``probe_dev``)
+    reproduces the pick :func:`tune` made."""
+    return dev_tie / max(1, n_dev)
+
+
 def eligible(rows: list[dict], max_g_growth: float | None = None, allow_rising_loss: bool = False) -> list[dict]:
     """The probes :func:`pick` chooses among: finished, then (where any remain) not rising, then not steep."""
     ok = [r for r in rows if r["status"] == "ok"]
@@ -413,7 +421,7 @@ def tune(cfg: TrainConfig, grid: list[float] | None = None, eps_grid: list[float
                   f"{_num(r['train_loss_last'], '.4f')}") if r["status"] == "ok" else error
         say(f"[{i}/{len(probes)}] lr {probe.lr:g} eps {probe.eps:g}: {what}: {result}")
 
-    tie = dev_tie / max(1, len(data.dev))
+    tie = tie_width(dev_tie, len(data.dev))
     chosen = pick(rows, max_g_growth, allow_rising_loss, tie)
     total = sum(r["forward_passes"] for r in rows)
     now = sum(r["forward_passes"] for r in rows if r["this_call"])
