@@ -42,19 +42,14 @@ def study_cells(study_out: Path, task: str) -> dict[str, regime.Cell]:
     return {c.entry.label: c for c in p.cells}
 
 
-def probe_rows(cell: regime.Cell) -> list[dict]:
+def study_probes(cell: regime.Cell) -> tuple[list[dict], float]:
     """The cell's probe rows (tune.json), each with its |g| growth (read from the probe's own log where
-    tune.json predates the field)."""
-    rows = json.loads((cell.tune_out / "tune.json").read_text())["rows"]
-    return [{**r, "g_growth": regime.probe_g_growth(cell, r)} for r in rows]
-
-
-def study_tie(cell: regime.Cell) -> float:
-    """The dev tie the study's pick of this cell was made with (``zotune tune --dev-tie`` over the probes' dev
-    size), so that re-picking from the same rows reproduces it; a tune.json from before the tie picked on exact
-    ties (0)."""
+    tune.json predates the field), and the dev tie the study's pick was made with (``zotune tune --dev-tie``
+    over the probes' dev size), so that re-picking from the same rows reproduces it; a tune.json from before
+    the tie picked on exact ties (0)."""
     record = json.loads((cell.tune_out / "tune.json").read_text())
-    return tie_width(record.get("dev_tie", 0), record["probe_dev"])
+    rows = [{**r, "g_growth": regime.probe_g_growth(cell, r)} for r in record["rows"]]
+    return rows, tie_width(record.get("dev_tie", 0), record["probe_dev"])
 
 
 def parse_change(change: str) -> dict:
@@ -81,7 +76,7 @@ def outcome(run_dir: Path) -> dict | None:
 def rerun(cell: regime.Cell, study_out: Path, out: Path, seeds: list[int], change: str, bound: float,
           train: bool) -> dict:
     """The cell's seeds with ``change`` (trained unless ``train`` is False), beside the study's runs."""
-    rows, tie = probe_rows(cell), study_tie(cell)
+    rows, tie = study_probes(cell)
     picked = pick(rows, tie=tie)
     chosen = pick(rows, max_g_growth=bound, tie=tie) if change == CALM else picked
     setting = parse_change(change)

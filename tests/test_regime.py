@@ -382,15 +382,15 @@ def test_a_calm_pick_reruns_a_cell_at_its_best_probe_whose_slope_did_not_steepen
     out, _, _ = shrunk
     cell = next(c for c in regime.plan(regime.Study(**SHRUNK), out, prepare=False).cells
                 if c.entry.label == "mezo-lora-r4-fp32-sgd")
-    real, tie = rerun.probe_rows, rerun.study_tie(cell)
-    original = rerun.pick(real(cell), tie=tie)["lr"]
+    real, tie = rerun.study_probes(cell)
+    original = rerun.pick(real, tie=tie)["lr"]
 
     def steep_pick(c):  # as if the study's pick had tripled its |g| over the probe and every other probe calmed
-        return [{**r, "g_growth": 3.0 if r["lr"] == original else 0.5} for r in real(c)]
+        return [{**r, "g_growth": 3.0 if r["lr"] == original else 0.5} for r in real], tie
 
-    monkeypatch.setattr(rerun, "probe_rows", steep_pick)
+    monkeypatch.setattr(rerun, "study_probes", steep_pick)
     result = rerun.rerun(cell, out, tmp_path, [0], "calm-pick", bound=1.4, train=True)
-    others = [r for r in real(cell) if r["status"] == "ok" and r["lr"] != original]
+    others = [r for r in real if r["status"] == "ok" and r["lr"] != original]
     assert result["picked"]["lr"] == original and result["variant"]["lr"] == rerun.pick(others, tie=tie)["lr"]
     [run] = result["runs"]
     run_dir = tmp_path / "runs" / cell.run_dir(0).name
