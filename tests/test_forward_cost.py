@@ -215,6 +215,46 @@ def test_the_bf16_probe_times_a_real_block_in_both_dtypes():
     assert torch.get_num_threads() == threads  # the probe's one thread is not left behind
 
 
+def test_a_bf16_base_on_a_cpu_without_native_bf16_multiplies_in_fp32_and_rounds_to_bf16(tiny_llama, monkeypatch):
+    """torch emulates a bf16 matmul there at a quarter of fp32's speed; native bf16 hardware multiplies
+    bf16 values and accumulates in fp32, so zotune does that instead: same weights, same bf16 outputs
+    up to summation order (benchmarks/results/bf16_matmul.md)."""
+    from torch.nn import functional as F
+
+    import zotune.hardware
+
+    model, _, _ = load_model(str(tiny_llama), torch.bfloat16)  # conftest: this CPU has no native bf16
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 and m._forward_pre_hooks for m in linears)
+    layer = linears[0]
+    x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+    ours = layer(x)
+    assert ours.dtype == torch.bfloat16
+    assert torch.equal(ours, F.linear(x.float(), layer.weight.float(), None).to(torch.bfloat16))
+    torch.testing.assert_close(ours, F.linear(x, layer.weight), rtol=2e-2, atol=2e-2)  # torch's own, ~1 ulp off
+
+    monkeypatch.setenv("ZOTUNE_CPU_BF16_MATMUL", "native")  # left to torch, for measuring the difference
+    torchs, _, _ = load_model(str(tiny_llama), torch.bfloat16)
+    assert not any(m._forward_pre_hooks for m in torchs.modules())
+    with torch.no_grad():
+        a, b = model(ids).logits, torchs(ids).logits
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)  # the same numbers to bf16's grain
+
+    with pytest.raises(RuntimeError):  # a forward that fails leaves no mode behind
+        layer(torch.randn(3, layer.in_features + 1).to(torch.bfloat16))
+    assert torch._C._len_torch_function_stack() == 0
+    monkeypatch.setenv("ZOTUNE_CPU_BF16_MATMUL", "fast")
+    with pytest.raises(ZOError, match="ZOTUNE_CPU_BF16_MATMUL='fast'"):
+        load_model(str(tiny_llama), torch.bfloat16)
+    monkeypatch.delenv("ZOTUNE_CPU_BF16_MATMUL")
+    fp32, _, _ = load_model(str(tiny_llama), torch.float32)
+    monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: True)
+    native, _, _ = load_model(str(tiny_llama), torch.bfloat16)
+    assert not any(m._forward_pre_hooks for net in (fp32, native) for m in net.modules())
+
+
 @pytest.mark.native_bf16
 def test_the_cpu_is_asked_through_torch_and_the_run_records_the_pick(tiny_llama, tmp_path, capsys):
     """Whatever this CPU has, a run with --dtype auto says what it picked and why, in config.yaml and

@@ -9,11 +9,18 @@ oneDNN emulates) at 0.35x (benchmarks/results/precision*.md). So on a CPU
 ``auto`` measures a small transformer block in both dtypes once per machine
 (cached) and takes bf16 only where it wins. What was picked, and why, goes
 into the run's summary.
+
+Where a bf16 base is asked for on a CPU without bf16 instructions, its matmuls
+run in fp32 and round to bf16 (:func:`bf16_matmuls_in_fp32`): native bf16
+hardware multiplies bf16 values and accumulates in fp32 too, so the numbers are
+the same up to summation order, at fp32's speed instead of oneDNN's emulation
+(4-5x slower than fp32 per matmul here, benchmarks/results/bf16_matmul.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -21,9 +28,13 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from . import atomic
 from .errors import require
+from .home import zotune_home
 
 #: bf16 must beat fp32 by this factor on the probe block before ``auto`` takes it on a CPU
 #: (below it, bf16's coarser evaluation would cost precision for no time saved).
@@ -122,8 +133,6 @@ def measure_bf16_speedup(repeats: int = 3) -> float:
 def cpu_bf16_speedup() -> float:
     """:func:`measure_bf16_speedup` for this machine, measured once and kept in ``$ZOTUNE_HOME/cpu_bf16.json``
     (keyed by CPU model, flags and torch version; delete the file to measure again)."""
-    from .models import zotune_home
-
     path = zotune_home() / "cpu_bf16.json"
     key = f"{cpu_name()} torch {torch.__version__}"
     try:
@@ -192,3 +201,65 @@ def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+#: ``ZOTUNE_CPU_BF16_MATMUL``: ``auto`` (fp32 matmuls for a bf16 base on a CPU without native bf16) or
+#: ``native`` (leave them to torch, which emulates bf16 there; for measuring the difference)
+CPU_BF16_MATMUL_ENV = "ZOTUNE_CPU_BF16_MATMUL"
+
+
+def cpu_bf16_matmul_policy() -> str:
+    policy = os.environ.get(CPU_BF16_MATMUL_ENV, "auto")
+    require(policy in ("auto", "native"), f"{CPU_BF16_MATMUL_ENV}={policy!r}: expected 'auto' or 'native'")
+    return policy
+
+
+def fp32_matmuls_for_bf16(dtype: torch.dtype, device: str) -> bool:
+    """Whether a bf16 base on ``device`` gets its matmuls in fp32 (:func:`bf16_matmuls_in_fp32`): on a CPU
+    without native bf16, unless ``ZOTUNE_CPU_BF16_MATMUL=native``."""
+    return (dtype == torch.bfloat16 and device == "cpu" and cpu_bf16_matmul_policy() == "auto"
+            and not cpu_has_native_bf16())
+
+
+class _LinearInFp32(TorchFunctionMode):
+    """``F.linear`` on bf16 operands computed in fp32 and rounded to bf16: the products of bf16 values are
+    exact in fp32, and native bf16 hardware (AMX, avx512_bf16, tensor cores) accumulates them in fp32 too.
+    A quantized weight (torchao's int8, a tensor subclass) is left to its own kernel."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            names = ("input", "weight", "bias")
+            x, w, b = (*args, *(kwargs.get(n) for n in names[len(args):]))[:3]
+            plain = type(w) in (torch.Tensor, nn.Parameter)  # a quantized weight keeps its own kernel
+            if plain and x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu":
+                return F.linear(x.float(), w.float(), None if b is None else b.float()).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def bf16_matmuls_in_fp32(model: nn.Module) -> int:
+    """Make every bf16 ``nn.Linear`` of ``model`` compute its matmul in fp32 and round the result to bf16;
+    returns how many layers it hooked.
+
+    Why: on a CPU without bf16 instructions torch emulates a bf16 matmul at a quarter of fp32's speed,
+    while the base's weights and activations can stay bf16 (its memory and its rounding, the noise a
+    ZO estimate sees) with only the multiply-accumulate in fp32, as native bf16 hardware does it. Why
+    hooks on each layer rather than one mode around the run: the mode then covers exactly the base's
+    linear layers, wherever they are called from (peft's LoRA wraps them; its own factors stay fp32).
+    The closing hook runs even when the forward raises, so the mode never outlives its layer.
+    """
+    mode = _LinearInFp32()
+
+    def enter(*_) -> None:  # a pre-hook's return value would replace the layer's input
+        mode.__enter__()
+
+    def leave(*_) -> None:
+        mode.__exit__(None, None, None)
+
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
+            module.register_forward_pre_hook(enter)
+            module.register_forward_hook(leave, always_call=True)
+            hooked += 1
+    return hooked

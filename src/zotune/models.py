@@ -59,11 +59,8 @@ import torch
 from torch import nn
 
 from .errors import ZOError
-
-
-def zotune_home() -> Path:
-    """Root of zotune's caches: ``$ZOTUNE_HOME``, else ``~/.cache/zotune``."""
-    return Path(os.environ.get("ZOTUNE_HOME", Path.home() / ".cache" / "zotune")).expanduser()
+from .hardware import bf16_matmuls_in_fp32, fp32_matmuls_for_bf16
+from .home import zotune_home
 
 
 @dataclass(frozen=True)
@@ -774,6 +771,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     tok.padding_side = "right"
     if placement is None:
         model.to(device)
+        if fp32_matmuls_for_bf16(dtype, device):
+            bf16_matmuls_in_fp32(model)
     else:
         if temporary:
             weakref.finalize(model, shutil.rmtree, temporary, True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import ZOError
-from ..models import zotune_home
+from ..home import zotune_home
 from .base import Example, TaskData, register_task
 
 TEMPLATE = "{text} It was"
