@@ -652,8 +652,8 @@ def test_verdicts_of_a_study_not_run_yet_say_so_without_empty_numbers(tmp_path):
 def test_a_study_keeps_its_base_dtype_when_resumed_on_a_machine_without_native_bf16(tmp_path, monkeypatch, capsys):
     """A study spans sessions on machines that differ. Its base is bf16 where the CPU computes bf16 natively;
     resumed on a CPU without it, re-resolving would turn its bf16 cells into fp32 ones and orphan their runs.
-    The first run pins the base in OUT; a resume keeps it, says bf16 is emulated here, and --dtypes fp32
-    runs only the fp32 cells."""
+    The first run pins the base in OUT; a resume keeps it, says how bf16 runs here (fp32 matmuls rounded to
+    bf16, or torch's emulation on request), and --dtypes fp32 runs only the fp32 cells."""
     import zotune.hardware
 
     out = tmp_path / "study"
@@ -666,7 +666,10 @@ def test_a_study_keeps_its_base_dtype_when_resumed_on_a_machine_without_native_b
     monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: False)
     resumed = regime.plan(regime.Study(**SHRUNK), out, prepare=False)
     assert [c.entry.label for c in resumed.cells] == labels
-    assert "emulated" in " ".join(resumed.here) and "--dtypes fp32" in regime.describe(resumed)
+    assert "fp32 matmuls rounded to bf16" in " ".join(resumed.here) and "--dtypes fp32" in regime.describe(resumed)
+    monkeypatch.setenv("ZOTUNE_CPU_BF16_MATMUL", "native")
+    assert "emulated by torch" in " ".join(regime.plan(regime.Study(**SHRUNK), out, prepare=False).here)
+    monkeypatch.delenv("ZOTUNE_CPU_BF16_MATMUL")
     here = regime.plan(regime.Study(**SHRUNK, dtypes=("float32",)), out, prepare=False)
     assert {c.entry.dtype for c in here.cells} == {"float32"} and not here.here
     assert {c.entry.label for c in here.cells} == {c.entry.label for c in first.cells if c.entry.dtype == "float32"}

@@ -523,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "otherwise); the first run pins it in OUT/base_dtype.json, so a study resumed on "
                             "another machine keeps its cells")
     study.add_argument("--dtypes", help="comma-separated dtypes of the cells to run here (bf16, fp32; default: "
-                                        "all), e.g. fp32 on a CPU without native bf16, where bf16 is emulated "
-                                        "and several times slower")
+                                        "all), e.g. only fp32 on a CPU without native bf16, leaving the bf16 "
+                                        "cells to a machine that computes bf16 natively")
     study.add_argument("--skip-diagnostics", action="store_true", help="no gradient-cosine diagnostics")
     study.add_argument("--report-only", action="store_true",
                        help="train nothing: rewrite results.json, tables, verdicts, g_summary.md and the PNGs "
