@@ -13,8 +13,8 @@ into the run's summary.
 Where a bf16 base is asked for on a CPU without bf16 instructions, its matmuls
 run in fp32 and round to bf16 (:func:`bf16_matmuls_in_fp32`): native bf16
 hardware multiplies bf16 values and accumulates in fp32 too, so the numbers are
-the same up to summation order, at fp32's speed instead of oneDNN's emulation
-(4-5x slower than fp32 per matmul here, benchmarks/results/bf16_matmul.md).
+the same up to summation order, at fp32's speed instead of torch's emulation
+(a SmolLM2 forward 3.4x slower than fp32, benchmarks/results/bf16_matmul.md).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def bf16_matmuls_in_fp32(model: nn.Module) -> int:
     """Make every bf16 ``nn.Linear`` of ``model`` compute its matmul in fp32 and round the result to bf16;
     returns how many layers it hooked.
 
-    Why: on a CPU without bf16 instructions torch emulates a bf16 matmul at a quarter of fp32's speed,
+    Why: on a CPU without bf16 instructions torch emulates a bf16 matmul at under a third of fp32's speed,
     while the base's weights and activations can stay bf16 (its memory and its rounding, the noise a
     ZO estimate sees) with only the multiply-accumulate in fp32, as native bf16 hardware does it. Why
     hooks on each layer rather than one mode around the run: the mode then covers exactly the base's

@@ -735,7 +735,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     model. When modules end up offloaded, :func:`fix_mmap_threshold` is applied
     (process-wide; ``ZOTUNE_MALLOPT=0`` skips it). Attach adapters to such a
     model inside :func:`adapters_on_execution_device`; a ``disk=`` budget is
-    checked after placement (accelerate itself treats disk as unbounded).
+    checked after placement (accelerate itself treats disk as unbounded). A bf16
+    model on a CPU without native bf16 computes its linear layers in fp32, rounded
+    to bf16 (:func:`zotune.hardware.bf16_matmuls_in_fp32`).
 
     The tokenizer gets a pad token (the EOS token when the model has none) and
     right padding: zotune gathers the scored positions explicitly, so right
