@@ -216,7 +216,7 @@ def test_the_bf16_probe_times_a_real_block_in_both_dtypes():
 
 
 def test_a_bf16_base_on_a_cpu_without_native_bf16_multiplies_in_fp32_and_rounds_to_bf16(tiny_llama, monkeypatch):
-    """torch emulates a bf16 matmul there at a quarter of fp32's speed; native bf16 hardware multiplies
+    """torch emulates a bf16 matmul there at under a third of fp32's speed; native bf16 hardware multiplies
     bf16 values and accumulates in fp32, so zotune does that instead: same weights, same bf16 outputs
     up to summation order (benchmarks/results/bf16_matmul.md)."""
     from torch.nn import functional as F

@@ -237,9 +237,8 @@ class _LinearInFp32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def bf16_matmuls_in_fp32(model: nn.Module) -> int:
-    """Make every bf16 ``nn.Linear`` of ``model`` compute its matmul in fp32 and round the result to bf16;
-    returns how many layers it hooked.
+def bf16_matmuls_in_fp32(model: nn.Module) -> None:
+    """Make every bf16 ``nn.Linear`` of ``model`` compute its matmul in fp32 and round the result to bf16.
 
     Why: on a CPU without bf16 instructions torch emulates a bf16 matmul at under a third of fp32's speed,
     while the base's weights and activations can stay bf16 (its memory and its rounding, the noise a
@@ -256,10 +255,7 @@ def bf16_matmuls_in_fp32(model: nn.Module) -> int:
     def leave(*_) -> None:
         mode.__exit__(None, None, None)
 
-    hooked = 0
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
             module.register_forward_pre_hook(enter)
             module.register_forward_hook(leave, always_call=True)
-            hooked += 1
-    return hooked

@@ -499,13 +499,11 @@ def plan(study: Study, out: Path, prepare: bool = True) -> Plan:
                 cells.append(cell)
     here = []
     if base == "bfloat16" and device == "cpu" and any(e.dtype == "bfloat16" for e in entries):
-        import torch
-
-        from .hardware import cpu_has_native_bf16, fp32_matmuls_for_bf16
+        from .hardware import cpu_bf16_matmul_policy, cpu_has_native_bf16
 
         if not cpu_has_native_bf16():
             how = ("with fp32 matmuls rounded to bf16, as native bf16 hardware accumulates (near fp32's speed; "
-                   "their runs record this machine)" if fp32_matmuls_for_bf16(torch.bfloat16, "cpu") else
+                   "their runs record this machine)" if cpu_bf16_matmul_policy() == "auto" else
                    "emulated by torch (ZOTUNE_CPU_BF16_MATMUL=native), several times slower than fp32")
             here.append(f"this CPU has no native bf16 (no avx512_bf16/AMX), but the study's base is bf16 ({why}): "
                         f"its bf16 cells run here {how}; --dtypes fp32 runs only the fp32 cells")
