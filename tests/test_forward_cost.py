@@ -222,8 +222,10 @@ def test_a_bf16_base_on_a_cpu_without_native_bf16_multiplies_in_fp32_and_rounds_
     from torch.nn import functional as F
 
     import zotune.hardware
+    from zotune.hardware import matmuls_in_fp32
 
     model, _, _ = load_model(str(tiny_llama), torch.bfloat16)  # conftest: this CPU has no native bf16
+    assert matmuls_in_fp32(model)  # what setup reads to record it in the run's dtype reason
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.weight.dtype == torch.bfloat16 and m._forward_pre_hooks for m in linears)
@@ -236,7 +238,7 @@ def test_a_bf16_base_on_a_cpu_without_native_bf16_multiplies_in_fp32_and_rounds_
 
     monkeypatch.setenv("ZOTUNE_CPU_BF16_MATMUL", "native")  # left to torch, for measuring the difference
     torchs, _, _ = load_model(str(tiny_llama), torch.bfloat16)
-    assert not any(m._forward_pre_hooks for m in torchs.modules())
+    assert not matmuls_in_fp32(torchs) and not any(m._forward_pre_hooks for m in torchs.modules())
     with torch.no_grad():
         a, b = model(ids).logits, torchs(ids).logits
     assert a.dtype == b.dtype == torch.bfloat16
@@ -252,8 +254,27 @@ def test_a_bf16_base_on_a_cpu_without_native_bf16_multiplies_in_fp32_and_rounds_
     fp32, _, _ = load_model(str(tiny_llama), torch.float32)
     monkeypatch.setattr(zotune.hardware, "cpu_has_native_bf16", lambda: True)
     native, _, _ = load_model(str(tiny_llama), torch.bfloat16)
-    assert not any(m._forward_pre_hooks for net in (fp32, native) for m in net.modules())
+    assert not any(matmuls_in_fp32(net) or m._forward_pre_hooks for net in (fp32, native) for m in net.modules())
 
+
+
+def test_a_run_records_that_its_bf16_base_multiplied_in_fp32(tiny_llama, tmp_path, monkeypatch):
+    """A bf16 run on a CPU without native bf16 says so where its numbers are read (summary.json,
+    config.yaml): its matmuls were fp32's, rounded to bf16, and how to get torch's instead."""
+    from zotune.cli import main
+
+    def run(name: str) -> dict:
+        out = tmp_path / name
+        args = ["train", "--model", str(tiny_llama), "--method", "mezo-lora", "--dtype", "bfloat16",
+                "--train-size", "8", "--dev-size", "4", "--batch-size", "4", "--steps", "1",
+                "--progress", "false", "--output-dir", str(out)]
+        assert main(args) == 0
+        return json.loads((out / "summary.json").read_text())
+
+    reason = run("ours")["dtype_reason"]
+    assert "matmuls in fp32, rounded to bf16" in reason and "ZOTUNE_CPU_BF16_MATMUL=native" in reason
+    monkeypatch.setenv("ZOTUNE_CPU_BF16_MATMUL", "native")
+    assert "matmuls in fp32" not in run("torchs")["dtype_reason"]
 
 @pytest.mark.native_bf16
 def test_the_cpu_is_asked_through_torch_and_the_run_records_the_pick(tiny_llama, tmp_path, capsys):

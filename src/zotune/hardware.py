@@ -259,3 +259,10 @@ def bf16_matmuls_in_fp32(model: nn.Module) -> None:
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16:
             module.register_forward_pre_hook(enter)
             module.register_forward_hook(leave, always_call=True)
+    model._zotune_matmuls_in_fp32 = True
+
+
+def matmuls_in_fp32(model: nn.Module) -> bool:
+    """Whether :func:`bf16_matmuls_in_fp32` hooked ``model``: what a run records, read from the model itself
+    so the record cannot drift from the decision :func:`zotune.models.load_model` made."""
+    return getattr(model, "_zotune_matmuls_in_fp32", False)

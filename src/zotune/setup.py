@@ -23,7 +23,7 @@ from .calibration import Calibration, calibration_batches, resolve_batches
 from .config import TrainConfig
 from .errors import require
 from .evaluate import Scorer
-from .hardware import Precision, fp32_matmuls_for_bf16, pick_device, pick_dtype
+from .hardware import Precision, matmuls_in_fp32, pick_device, pick_dtype
 from .methods import Method, get_method, prepare_seeded
 from .models import load_model, placement_for
 from .quantize import quantize_base
@@ -123,7 +123,7 @@ def setup(cfg: TrainConfig, data: TaskData | None = None, calibration: dict[str,
     model, tok, kind = load_model(cfg.model, precision.dtype, device, device_map=cfg.device_map or None,
                                   max_memory=cfg.max_memory or None, offload_folder=cfg.offload_folder or None)
     require(kind == "causal", f"model {cfg.model!r} is an encoder; prompt-based training needs a causal LM for now")
-    if placed is None and fp32_matmuls_for_bf16(precision.dtype, device):  # load_model hooked its linear layers
+    if matmuls_in_fp32(model):
         precision = Precision(precision.dtype, f"{precision.reason}; matmuls in fp32, rounded to bf16, since this "
                                                f"CPU has no native bf16 (ZOTUNE_CPU_BF16_MATMUL=native: torch's)")
     method = method_cls(cfg)
