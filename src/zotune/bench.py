@@ -268,10 +268,11 @@ def same_config(path: Path, cfg: TrainConfig, who: str = "bench") -> None:
     """Refuse to reuse a run directory that holds a run of other settings (bench, tune, the studies)."""
     saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
     defaults = TrainConfig().to_dict()  # a setting added after the run was made: the run had its default
+    unread = () if cfg.reads_data_dir() else ("data_dir",)  # e.g. rotten-tomatoes, from a package
     for key, value in cfg.to_dict().items():
         if key in RESOLVED_BY_THE_RUN and value == "auto":
             continue  # a run records what auto picked on its machine
-        if key not in COMPARED_OUT and saved.get(key, defaults.get(key)) != value:
+        if key not in COMPARED_OUT + unread and saved.get(key, defaults.get(key)) != value:
             raise ZOError(f"{path} holds a run with {key}={saved.get(key)!r}, this {who} wants {value!r}; "
                           f"use another --out (or delete that run directory)")
 

@@ -189,6 +189,14 @@ class TrainConfig:
             require(self.task in TASKS, f"unknown task {self.task!r}; choose one of: {', '.join(sorted(TASKS))}")
         return self
 
+    def reads_data_dir(self) -> bool:
+        """Whether ``data_dir`` can change this run's data: not with the user's own files, a YAML task file,
+        or a task that ships in a package (rotten-tomatoes)."""
+        from .tasks.base import PACKAGED
+
+        return not (self.train_file or self.dev_file or self.test_file or self.task.endswith((".yaml", ".yml"))
+                    or self.task in PACKAGED)
+
     def to_dict(self) -> dict:
         """Flat settings: the core fields, then the method's own options (its defaults filled in)."""
         from .methods import get_method

