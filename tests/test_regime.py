@@ -649,6 +649,27 @@ def test_verdicts_of_a_study_not_run_yet_say_so_without_empty_numbers(tmp_path):
     assert secondary and all(ln.endswith(f": - ({regime.NOT_RUN})") for ln in secondary)
 
 
+def test_a_verdict_resting_on_a_task_with_seeds_still_to_run_says_so_far(tmp_path):
+    """The rules decide a comparison from whatever pairs have finished; a reader must see when a holds
+    or fails leans on a task whose planned seeds are not all in, since the next seed may change it."""
+    import dataclasses
+
+    study = regime.Study(**{**SHRUNK, "seeds": (0, 1, 2), "tasks": ("synthetic", "rotten-tomatoes")})
+    p = regime.plan(study, tmp_path / "study", prepare=False)
+    comps = regime.comparisons(p, [])
+    group = next(c.group for c in comps if c.primary)
+    tests = {"synthetic": ([0.8, 0.82], [0.5, 0.51]), "rotten-tomatoes": ([0.8, 0.82, 0.81], [0.5, 0.51, 0.5])}
+    done = []
+    for c in comps:
+        if c.primary and c.group == group:
+            iv = regime.paired_interval(*tests[c.task])
+            c = dataclasses.replace(c, interval=iv, verdict=regime.verdict(iv))
+        done.append(c)
+    line = next(ln for ln in regime.verdicts_md(p, done, regime.cost(p)).splitlines()
+                if ln.startswith(f"- **{next(c.what for c in done if c.primary and c.group == group)}**"))
+    assert f"— **{regime.HOLDS}** so far (" in line
+    assert f": {regime.HOLDS} (2 of 3 pairs)" in line and f"3 of 3" not in line  # which task is short
+
 def test_a_study_keeps_its_base_dtype_when_resumed_on_a_machine_without_native_bf16(tmp_path, monkeypatch, capsys):
     """A study spans sessions on machines that differ. Its base is bf16 where the CPU computes bf16 natively;
     resumed on a CPU without it, re-resolving would turn its bf16 cells into fp32 ones and orphan their runs.

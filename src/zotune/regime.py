@@ -1291,13 +1291,18 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
                 continue
             primary = [c for c in cs if c.primary]
             finals = []
+            planned = len(p.study.seeds)
+            short = lambda c: 1 < c.interval["n"] < planned  # noqa: E731  (a pair short: "1 pair" says itself)
             for group in dict.fromkeys(c.group for c in primary):
                 gs = [c for c in primary if c.group == group]
                 v = overall([c.verdict for c in gs])
                 finals.append(v)
                 per_task = "; ".join(f"{c.task}: {NOT_RUN}" if c.verdict == NOT_RUN else
-                                     f"{c.task} {_ci(c.interval)}: {c.verdict}" for c in gs)
-                lines.append(f"- **{gs[0].what}** — **{v}** ({per_task})")
+                                     f"{c.task} {_ci(c.interval)}: {c.verdict}"
+                                     + (f" ({c.interval['n']} of {planned} pairs)" if short(c) else "") for c in gs)
+                # a verdict that rests on a task whose seeds are not all in may still change
+                so_far = v in (HOLDS, FAILS) and any(short(c) for c in gs if c.verdict == v)
+                lines.append(f"- **{gs[0].what}** — **{v}**{' so far' if so_far else ''} ({per_task})")
             if finals:
                 claim_v = finals[0] if len(set(finals)) == 1 else "partly: " + ", ".join(
                         f"{c}: {v}" for c, v in zip(dict.fromkeys(c.group for c in primary), finals))
