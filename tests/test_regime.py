@@ -667,8 +667,11 @@ def test_a_verdict_resting_on_a_task_with_seeds_still_to_run_says_so_far(tmp_pat
         done.append(c)
     line = next(ln for ln in regime.verdicts_md(p, done, regime.cost(p)).splitlines()
                 if ln.startswith(f"- **{next(c.what for c in done if c.primary and c.group == group)}**"))
-    assert f"— **{regime.HOLDS}** so far (" in line
+    assert f"— **{regime.HOLDS} so far** (" in line
     assert f": {regime.HOLDS} (2 of 3 pairs)" in line and f"3 of 3" not in line  # which task is short
+    claim = next(ln for ln in regime.verdicts_md(p, done, regime.cost(p)).splitlines()
+                 if ln.startswith("- the claim in the ZO-SGD arm"))
+    assert f"{regime.HOLDS} so far" in claim  # the claim's line carries it too
 
 def test_a_study_keeps_its_base_dtype_when_resumed_on_a_machine_without_native_bf16(tmp_path, monkeypatch, capsys):
     """A study spans sessions on machines that differ. Its base is bf16 where the CPU computes bf16 natively;

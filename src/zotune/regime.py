@@ -1302,7 +1302,8 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
                                      + (f" ({c.interval['n']} of {planned} pairs)" if short(c) else "") for c in gs)
                 # a verdict that rests on a task whose seeds are not all in may still change
                 so_far = v in (HOLDS, FAILS) and any(short(c) for c in gs if c.verdict == v)
-                lines.append(f"- **{gs[0].what}** — **{v}**{' so far' if so_far else ''} ({per_task})")
+                finals[-1] += " so far" if so_far else ""
+                lines.append(f"- **{gs[0].what}** — **{finals[-1]}** ({per_task})")
             if finals:
                 claim_v = finals[0] if len(set(finals)) == 1 else "partly: " + ", ".join(
                         f"{c}: {v}" for c, v in zip(dict.fromkeys(c.group for c in primary), finals))
