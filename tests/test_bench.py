@@ -111,6 +111,7 @@ def test_a_data_dir_that_the_task_does_not_read_is_not_a_different_setting(tmp_p
         with pytest.raises(ZOError, match="steps"):  # every other setting is still compared
             same_config(run, TrainConfig(task=task, steps=asked.steps + 1))
 
+
 def test_a_diverged_run_is_recorded_not_a_crash(tiny_llama, tmp_path, capsys):
     out = tmp_path / "diverge"
     code = bench("--preset", "quick", "--model", str(tiny_llama), "--methods", "mezo-lora", "--seeds", "0",

@@ -257,7 +257,6 @@ def test_a_bf16_base_on_a_cpu_without_native_bf16_multiplies_in_fp32_and_rounds_
     assert not any(matmuls_in_fp32(net) or m._forward_pre_hooks for net in (fp32, native) for m in net.modules())
 
 
-
 def test_a_run_records_that_its_bf16_base_multiplied_in_fp32(tiny_llama, tmp_path, monkeypatch):
     """A bf16 run on a CPU without native bf16 says so where its numbers are read (summary.json,
     config.yaml): its matmuls were fp32's, rounded to bf16, and how to get torch's instead."""
@@ -275,6 +274,7 @@ def test_a_run_records_that_its_bf16_base_multiplied_in_fp32(tiny_llama, tmp_pat
     assert "matmuls in fp32, rounded to bf16" in reason and "ZOTUNE_CPU_BF16_MATMUL=native" in reason
     monkeypatch.setenv("ZOTUNE_CPU_BF16_MATMUL", "native")
     assert "matmuls in fp32" not in run("torchs")["dtype_reason"]
+
 
 @pytest.mark.native_bf16
 def test_the_cpu_is_asked_through_torch_and_the_run_records_the_pick(tiny_llama, tmp_path, capsys):

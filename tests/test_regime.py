@@ -665,13 +665,14 @@ def test_a_verdict_resting_on_a_task_with_seeds_still_to_run_says_so_far(tmp_pat
             iv = regime.paired_interval(*tests[c.task])
             c = dataclasses.replace(c, interval=iv, verdict=regime.verdict(iv))
         done.append(c)
-    line = next(ln for ln in regime.verdicts_md(p, done, regime.cost(p)).splitlines()
-                if ln.startswith(f"- **{next(c.what for c in done if c.primary and c.group == group)}**"))
+    text = regime.verdicts_md(p, done, regime.cost(p)).splitlines()
+    what = next(c.what for c in done if c.primary and c.group == group)
+    line = next(ln for ln in text if ln.startswith(f"- **{what}**"))
     assert f"— **{regime.HOLDS} so far** (" in line
     assert f": {regime.HOLDS} (2 of 3 pairs)" in line and f"3 of 3" not in line  # which task is short
-    claim = next(ln for ln in regime.verdicts_md(p, done, regime.cost(p)).splitlines()
-                 if ln.startswith("- the claim in the ZO-SGD arm"))
+    claim = next(ln for ln in text if ln.startswith("- the claim in the ZO-SGD arm"))
     assert f"{regime.HOLDS} so far" in claim  # the claim's line carries it too
+
 
 def test_a_study_keeps_its_base_dtype_when_resumed_on_a_machine_without_native_bf16(tmp_path, monkeypatch, capsys):
     """A study spans sessions on machines that differ. Its base is bf16 where the CPU computes bf16 natively;

@@ -1296,14 +1296,13 @@ def verdicts_md(p: Plan, comps: list[Comparison], cost_info: dict) -> str:
             for group in dict.fromkeys(c.group for c in primary):
                 gs = [c for c in primary if c.group == group]
                 v = overall([c.verdict for c in gs])
+                if v in (HOLDS, FAILS) and any(short(c) for c in gs if c.verdict == v):
+                    v += " so far"  # it rests on a task whose seeds are not all in: it may still change
                 finals.append(v)
                 per_task = "; ".join(f"{c.task}: {NOT_RUN}" if c.verdict == NOT_RUN else
                                      f"{c.task} {_ci(c.interval)}: {c.verdict}"
                                      + (f" ({c.interval['n']} of {planned} pairs)" if short(c) else "") for c in gs)
-                # a verdict that rests on a task whose seeds are not all in may still change
-                so_far = v in (HOLDS, FAILS) and any(short(c) for c in gs if c.verdict == v)
-                finals[-1] += " so far" if so_far else ""
-                lines.append(f"- **{gs[0].what}** — **{finals[-1]}** ({per_task})")
+                lines.append(f"- **{gs[0].what}** — **{v}** ({per_task})")
             if finals:
                 claim_v = finals[0] if len(set(finals)) == 1 else "partly: " + ", ".join(
                         f"{c}: {v}" for c, v in zip(dict.fromkeys(c.group for c in primary), finals))

@@ -92,7 +92,10 @@ def register_task(name: str, description: str, reads_data_dir: bool = True):
     whose data ships in a package, so a run's ``data_dir`` is known not to change its data."""
     def wrap(fn: TaskLoader) -> TaskLoader:
         TASKS[name] = (fn, description)
-        (PACKAGED.discard if reads_data_dir else PACKAGED.add)(name)
+        if reads_data_dir:
+            PACKAGED.discard(name)
+        else:
+            PACKAGED.add(name)
         return fn
     return wrap
 
